@@ -1,0 +1,150 @@
+"""`gpts-edge`: a thin typer layer; every command is one call into a library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gpts_edge.errors import GptsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="GPT-S-1.4M on the edge: train, export, run.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizer tools.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+def _fail(exc: GptsError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def info(
+    model: Annotated[str | None, typer.Argument(help="Checkpoint directory (default: the bundled model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe a checkpoint: parameters, config, vocabulary, files, weights sha256."""
+    from gpts_edge.inspect import describe
+
+    try:
+        d = describe(model)
+    except GptsError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"checkpoint   {d['checkpoint']}")
+    typer.echo(f"format       {d['format']}")
+    typer.echo(f"parameters   {d['parameters']:,}")
+    typer.echo(f"vocabulary   {d['vocab_size']:,}")
+    typer.echo(f"weights      sha256 {d['weights_sha256']}")
+    for k, v in d["config"].items():
+        typer.echo(f"  {k:24s} {v}")
+    for name, size in d["files"].items():
+        typer.echo(f"  file {name:28s} {size:>10,} bytes")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
+    model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
+    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "torch",
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    repetition_penalty: Annotated[float | None, typer.Option()] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option()] = None,
+    greedy: Annotated[bool, typer.Option(help="Always take the most likely token.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same text.")] = 0,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come.")] = False,
+) -> None:
+    """Continue a prompt with the shared sampler."""
+    from gpts_edge.generation import generate_text, sampling_options
+    from gpts_edge.runtimes.registry import open_runtime
+
+    try:
+        rt = open_runtime(runtime, model)
+        opts = sampling_options(rt.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                greedy=greedy, max_new_tokens=max_new_tokens)
+        pieces = generate_text(rt, prompt, opts, seed=seed, warn=lambda m: typer.echo(m, err=True))
+        typer.echo(prompt, nl=False)
+        for piece in pieces:
+            typer.echo(piece, nl=False)
+            if stream:
+                sys.stdout.flush()
+        typer.echo("")
+    except GptsError as exc:
+        _fail(exc)
+
+
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Option(help="PATH[:WEIGHT]: text, .jsonl(.gz), dir, glob or prepared dir; repeatable.")],
+    out: Annotated[str, typer.Option(help="Run directory.")],
+    preset: Annotated[str, typer.Option(help="gpt-s-1.4m | tiny")] = "gpt-s-1.4m",
+    tokens: Annotated[int | None, typer.Option(help="Total training tokens.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Total optimizer steps (sets the schedule).")] = None,
+    stop_at: Annotated[int | None, typer.Option(help="Stop after this step, keeping the schedule of --max-steps.")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="Seconds of training; sets --max-steps from measured speed.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    grad_accum: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    warmup: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    seed: Annotated[int | None, typer.Option()] = None,
+    eval_every: Annotated[int | None, typer.Option()] = None,
+    ckpt_every: Annotated[int | None, typer.Option()] = None,
+    log_every: Annotated[int | None, typer.Option()] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train GPT-S (the card's recipe as preset gpt-s-1.4m; every number can be overridden)."""
+    from gpts_edge.training.train import preset_config
+    from gpts_edge.training.train import train as run_training
+
+    try:
+        tc = preset_config(preset, data=data, out=out, tokens=tokens, max_steps=max_steps, stop_at=stop_at,
+                           time_limit=time_limit, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                           warmup=warmup, device=device, dtype=dtype, compile=compile, seed=seed,
+                           eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
+                           tokenizer=tokenizer, resume=resume, progress=progress)
+        result = run_training(tc)
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result))
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
+    out: Annotated[str, typer.Option(help="Output tokenizer.json.")],
+    vocab_size: Annotated[int, typer.Option()] = 4096,
+) -> None:
+    """Train a byte-level BPE tokenizer (<|endoftext|> = id 0)."""
+    from gpts_edge.textdata import expand_paths
+    from gpts_edge.tokenizer import iter_texts, save_tokenizer, train_tokenizer
+
+    try:
+        files = [f for spec in data for f in expand_paths(spec)]
+        tok = train_tokenizer(iter_texts(files), vocab_size)
+        save_tokenizer(tok, Path(out))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out} ({vocab_size} tokens)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Training data: sources tokenized once into uint16 token files, then sampled by weight.
+
+A *prepared source* is a directory holding ``meta.json`` (``"format": "gpts-tokens"``),
+``train.bin`` and ``val.bin`` (uint16 token ids, documents separated by ``<|endoftext|>``). Raw
+sources (text, .jsonl, .jsonl.gz, directories, globs) are prepared into a cache directory keyed
+by the files and the tokenizer's hash, so a second run (or a resumed one) skips tokenization.
+A prepared directory can be named in ``--data`` directly, e.g. on a machine without the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpts_edge.errors import GptsError
+from gpts_edge.textdata import expand_paths, iter_documents
+from gpts_edge.tokenizer import EOT_ID, load_tokenizer, tokenizer_hash
+
+TOKENS_FORMAT = "gpts-tokens"
+VAL_EVERY = 100  # one document in VAL_EVERY goes to the validation slice
+
+
+def parse_data_spec(spec: str) -> tuple[str, float]:
+    """'PATH[:WEIGHT]' -> (path, weight); a path may itself contain ':' only if a weight follows."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not weight > 0:
+            raise GptsError(f"--data {spec}: the weight must be positive, found {tail}")
+        return head, weight
+    return spec, 1.0
+
+
+@dataclass
+class Source:
+    name: str
+    weight: float
+    train: np.ndarray
+    val: np.ndarray
+
+
+def is_prepared(path: Path) -> bool:
+    meta = path / "meta.json"
+    return path.is_dir() and meta.is_file() and json.loads(meta.read_text()).get("format") == TOKENS_FORMAT
+
+
+def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
+    """Tokenize one raw source into ``cache_dir/<key>/`` unless it is there already."""
+    path = Path(spec)
+    if is_prepared(path):
+        return path
+    files = expand_paths(spec)
+    key_src = json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files])
+    key = hashlib.sha256((key_src + tokenizer_hash(tokenizer_json)).encode()).hexdigest()[:16]
+    out = cache_dir / key
+    if is_prepared(out):
+        return out
+    tok = load_tokenizer(tokenizer_json)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "val": 0}
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        batch: list[str] = []
+        n_doc = 0
+
+        def flush() -> None:
+            nonlocal n_doc
+            for enc in tok.encode_batch(batch):
+                ids = np.asarray([*enc.ids, EOT_ID], dtype=np.uint16)
+                split = "val" if n_doc % VAL_EVERY == VAL_EVERY - 1 else "train"
+                (fval if split == "val" else ftrain).write(ids.tobytes())
+                counts[split] += len(ids)
+                n_doc += 1
+            batch.clear()
+
+        for f in files:
+            for text in iter_documents(f):
+                batch.append(text)
+                if len(batch) >= 512:
+                    flush()
+        flush()
+    if counts["val"] == 0:  # a single small document: hold out its tail instead
+        train = np.fromfile(tmp / "train.bin", dtype=np.uint16)
+        cut = max(1, len(train) // 10)
+        train[:-cut].tofile(tmp / "train.bin")
+        train[-cut:].tofile(tmp / "val.bin")
+        counts = {"train": len(train) - cut, "val": cut}
+    meta = {"format": TOKENS_FORMAT, "source": spec, "documents": n_doc, "tokens": counts,
+            "tokenizer_sha256_16": tokenizer_hash(tokenizer_json)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():  # another process finished the same source first
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def load_sources(specs: list[str], tokenizer_json: Path, cache_dir: Path, seq_len: int) -> list[Source]:
+    if not specs:
+        raise GptsError("--data: give at least one training source")
+    sources = []
+    for spec in specs:
+        path, weight = parse_data_spec(spec)
+        prepared = prepare_source(path, tokenizer_json, cache_dir)
+        meta = json.loads((prepared / "meta.json").read_text())
+        want = tokenizer_hash(tokenizer_json)
+        if meta.get("tokenizer_sha256_16") != want:
+            raise GptsError(
+                f"{prepared}/meta.json: tokenized with tokenizer {meta.get('tokenizer_sha256_16')}, "
+                f"but this run's tokenizer is {want}"
+            )
+        train = np.fromfile(prepared / "train.bin", dtype=np.uint16)
+        val = np.fromfile(prepared / "val.bin", dtype=np.uint16)
+        if len(train) < seq_len + 2:
+            raise GptsError(f"--data {path}: only {len(train)} training tokens, need more than {seq_len + 1}")
+        sources.append(Source(path, weight, train, val))
+    return sources
+
+
+class Sampler:
+    """Random windows of seq_len + 1 tokens; which source each window comes from follows the
+    weights. All randomness is one numpy Generator whose state is saved for exact resumption."""
+
+    def __init__(self, sources: list[Source], seq_len: int, seed: int) -> None:
+        self.sources = sources
+        self.seq_len = seq_len
+        w = np.array([s.weight for s in sources], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def batch(self, batch_size: int) -> np.ndarray:
+        which = self.rng.choice(len(self.sources), size=batch_size, p=self.probs)
+        out = np.empty((batch_size, self.seq_len + 1), dtype=np.int64)
+        for k, s in enumerate(self.sources):
+            rows = np.nonzero(which == k)[0]
+            if len(rows):
+                starts = self.rng.integers(0, len(s.train) - self.seq_len - 1, size=len(rows))
+                out[rows] = s.train[starts[:, None] + np.arange(self.seq_len + 1)]
+        return out
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def validation_windows(sources: list[Source], seq_len: int, max_windows: int) -> np.ndarray:
+    """Fixed, deterministic validation windows: consecutive chunks of each source's val slice,
+    shared out by the mixing weights."""
+    total_w = sum(s.weight for s in sources)
+    rows = []
+    for s in sources:
+        n = max(1, int(round(max_windows * s.weight / total_w)))
+        val = s.val if len(s.val) > seq_len + 1 else np.concatenate([s.val, s.train[-(seq_len + 2):]])
+        avail = (len(val) - 1) // seq_len
+        for k in range(min(n, avail)):
+            rows.append(val[k * seq_len: k * seq_len + seq_len + 1].astype(np.int64))
+    return np.stack(rows)

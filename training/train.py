@@ -1,0 +1,435 @@
+"""The reference trainer: AdamW + warmup-stable-decay, gradient accumulation, bf16 autocast on
+GPU, resumable checkpoints, optional DDP (launch with ``torchrun``).
+
+Run directory layout::
+
+    OUT/config.json, model.safetensors, tokenizer.json, generation_config.json   latest checkpoint
+    OUT/checkpoints/step-000123/   complete snapshot (weights + optimizer + train_state.json)
+    OUT/metrics.jsonl, OUT/loss.png
+    OUT/data-cache/                tokenized sources
+
+A snapshot directory is written under a temporary name and renamed into place, and the
+top-level weights are replaced with one atomic rename, so a SIGKILL at any moment leaves only
+complete checkpoints behind; ``--resume`` continues from the newest snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpts_edge.checkpoint import (
+    CONFIG_FILE,
+    GENERATION_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    default_model_dir,
+    save_checkpoint,
+)
+from gpts_edge.config import PRESETS, ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.model import GPTS, state_to_weights, weights_to_state
+from gpts_edge.training.data import Sampler, load_sources, validation_windows
+from gpts_edge.training.schedule import wsd_lr
+
+STATE_FILE = "train_state.json"
+OPTIM_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "gpt-s-1.4m"
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/gpt-s"
+    tokens: int | None = None  # total tokens; converted to max_steps
+    max_steps: int | None = None
+    stop_at: int | None = None  # stop (as if interrupted) after this step; the schedule keeps max_steps
+    batch_size: int = 256
+    grad_accum: int = 3
+    seq_len: int | None = None  # default: the model's context
+    lr: float = 3.5e-3
+    warmup: int = 2000
+    decay_start_frac: float = 0.8
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU (no bf16 units on our CPUs)
+    compile: bool = False
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 200
+    eval_windows: int = 64
+    ckpt_every: int = 200
+    ckpt_seconds: float = 600.0
+    keep_snapshots: int = 2
+    time_limit: float | None = None  # seconds of training; sets max_steps from measured speed
+    tokenizer: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "gpt-s-1.4m": {"batch_size": 256, "grad_accum": 3, "lr": 3.5e-3, "warmup": 2000, "tokens": 6_000_000_000},
+    "tiny": {"batch_size": 8, "grad_accum": 1, "lr": 3e-3, "warmup": 10, "max_steps": 100, "log_every": 5,
+             "eval_every": 20, "eval_windows": 8, "ckpt_every": 20},
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> TrainConfig:
+    if preset not in PRESET_TRAINING:
+        raise GptsError(f"--preset: unknown preset {preset!r}; choose from {sorted(PRESET_TRAINING)}")
+    values = {**PRESET_TRAINING[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(preset=preset, **values)
+
+
+# --- distributed ------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GptsError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
+    if name != "cpu":
+        raise GptsError(f"--device: expected auto, cpu or cuda[:N], found {name!r}")
+    return torch.device("cpu")
+
+
+# --- snapshots --------------------------------------------------------------------------------
+def _snapshots(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def _optim_to_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, p in zip(names, params, strict=True):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"{name}.{key}"] = st[key].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    return tensors
+
+
+def _optim_from_tensors(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, p in zip(names, params, strict=True):
+        if f"{name}.exp_avg" not in tensors:
+            continue
+        opt.state[p] = {
+            "step": tensors[f"{name}.step"].reshape(()).clone(),
+            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device).clone(),
+            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device).clone(),
+        }
+
+
+# --- the trainer ------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, tc: TrainConfig, model_cfg: ModelConfig | None = None) -> None:
+        self.tc = tc
+        self.rank, self.world, local_rank = _dist_info()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and tc.device != "cpu" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.device = _pick_device(tc.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        dtype = tc.dtype if tc.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if dtype not in ("bf16", "fp32"):
+            raise GptsError(f"--dtype: expected auto, bf16 or fp32, found {tc.dtype!r}")
+        self.autocast = dtype == "bf16"
+        self.out = Path(tc.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer_json = Path(tc.tokenizer) if tc.tokenizer else default_model_dir() / TOKENIZER_FILE
+        self.cfg = model_cfg or PRESETS[tc.preset]
+        self.seq_len = tc.seq_len or self.cfg.context_length
+        if self.seq_len > self.cfg.context_length:
+            raise GptsError(f"--seq-len {self.seq_len} exceeds the model context {self.cfg.context_length}")
+        self.tokens_per_step = tc.batch_size * tc.grad_accum * self.seq_len * self.world
+        self.max_steps = tc.max_steps or (math.ceil(tc.tokens / self.tokens_per_step) if tc.tokens else None)
+        if tc.time_limit:  # the measured speed decides the length of the run
+            self.max_steps = None
+        if not self.max_steps and not tc.time_limit:
+            raise GptsError("give --max-steps, --tokens or --time-limit")
+
+        self.sources = load_sources(tc.data, self.tokenizer_json, self.out / "data-cache", self.seq_len)
+        self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
+        self.val = torch.from_numpy(validation_windows(self.sources, self.seq_len, tc.eval_windows))
+
+        torch.manual_seed(tc.seed)
+        self.model = GPTS(self.cfg).init_weights(tc.seed).to(self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]  # norms: no weight decay
+        self.param_names = [n for n, p in self.model.named_parameters() if p.ndim >= 2] + [
+            n for n, p in self.model.named_parameters() if p.ndim < 2
+        ]
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=tc.betas, eps=1e-8, fused=fused,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        if tc.resume:
+            self._resume()
+        elif _snapshots(self.out):
+            raise GptsError(f"{self.out}: holds checkpoints of an earlier run; pass --resume or pick a new --out")
+        self.ddp_model: torch.nn.Module = self.model
+        if self.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.fwd = torch.compile(self.ddp_model) if tc.compile else self.ddp_model
+
+    # -- state --
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        snaps = _snapshots(self.out)
+        if not snaps:
+            raise GptsError(f"{self.out}: --resume given but no checkpoint snapshot is there")
+        snap = snaps[-1]
+        state = json.loads((snap / STATE_FILE).read_text())
+        saved_cfg = ModelConfig.load(snap / CONFIG_FILE)
+        if saved_cfg != self.cfg:
+            raise GptsError(f"{snap}/{CONFIG_FILE}: the run's model config differs from --preset {self.tc.preset}")
+        if state["world_size"] != self.world:
+            raise GptsError(f"{snap}: saved with {state['world_size']} processes, resuming with {self.world}")
+        from gpts_edge.checkpoint import load_weights
+
+        weights = load_weights(snap / WEIGHTS_FILE, self.cfg)
+        self.model.load_state_dict(weights_to_state(weights))
+        self.model.to(self.device)
+        _optim_from_tensors(self.opt, self.param_names, load_file(str(snap / OPTIM_FILE)))
+        self.sampler.set_state(state["sampler"][self.rank])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        if not self.tc.max_steps and not self.tc.tokens and not self.tc.time_limit:
+            self.max_steps = state["max_steps"]
+        if self.rank == 0:
+            print(f"resumed from {snap} at step {self.step} ({self.tokens_seen:,} tokens)", flush=True)
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        samplers = [self.sampler.state()]
+        if self.world > 1:
+            samplers = [None] * self.world
+            torch.distributed.all_gather_object(samplers, self.sampler.state())
+        if self.rank != 0:
+            return
+        root = self.out / "checkpoints"
+        root.mkdir(exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        if final.exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        try:
+            weights = state_to_weights(self.model)
+            save_checkpoint(tmp / "ckpt", self.cfg, weights, self.tokenizer_json)
+            for f in (tmp / "ckpt").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "ckpt").rmdir()
+            save_file(_optim_to_tensors(self.opt, self.param_names), str(tmp / OPTIM_FILE))
+            state = {
+                "step": self.step, "tokens": self.tokens_seen, "max_steps": self.max_steps,
+                "world_size": self.world, "sampler": samplers, "train_seconds": self.train_seconds,
+                "train_config": {k: v for k, v in dataclasses.asdict(self.tc).items() if k != "resume"},
+            }
+            # Written last: a snapshot without it is ignored by --resume.
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # The top level mirrors the newest snapshot; each file is replaced atomically and only
+        # model.safetensors changes during a run, so the top level is always a whole checkpoint.
+        for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE, WEIGHTS_FILE):
+            tmpf = self.out / f".{name}.tmp"
+            shutil.copyfile(final / name, tmpf)
+            os.replace(tmpf, self.out / name)
+        for old in _snapshots(self.out)[: -self.tc.keep_snapshots]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- steps --
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, _ = self.fwd(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for chunk in self.val.split(max(1, self.tc.batch_size // 2)):
+            losses.append(self._loss(chunk.to(self.device)).item() * len(chunk))
+        self.model.train()
+        return sum(losses) / len(self.val)
+
+    def _next_batch(self) -> torch.Tensor:
+        b = torch.from_numpy(self.sampler.batch(self.tc.batch_size))
+        if self.device.type == "cuda":
+            return b.pin_memory().to(self.device, non_blocking=True)
+        return b
+
+    def train(self) -> dict[str, Any]:
+        tc = self.tc
+        metrics_path = self.out / "metrics.jsonl"
+        log = open(metrics_path, "a") if self.rank == 0 else None
+        bar = None
+        last_ckpt_time = time.time()
+        calib: list[float] = []
+        last: dict[str, Any] = {}
+        self.model.train()
+        start_step = self.step
+        nxt = self._next_batch()
+        try:
+            while self.max_steps is None or self.step < self.max_steps:
+                if tc.stop_at is not None and self.step >= tc.stop_at:
+                    break
+                t0 = time.time()
+                lr = wsd_lr(self.step, peak=tc.lr, warmup=tc.warmup, total=self.max_steps or 10**12,
+                            decay_start_frac=tc.decay_start_frac)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(tc.grad_accum):
+                    batch, nxt = nxt, None
+                    sync = micro == tc.grad_accum - 1 or self.world == 1
+                    ctx = self.ddp_model.no_sync() if not sync else _nullcontext()
+                    with ctx:
+                        loss = self._loss(batch) / tc.grad_accum
+                        # Draw the next batch while the GPU works on this one.
+                        nxt = self._next_batch()
+                        loss.backward()
+                    loss_sum += loss.detach()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                need_log = self.step % tc.log_every == 0 or self.step == self.max_steps
+                if need_log or tc.time_limit and len(calib) < 40:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                dt = time.time() - t0
+                self.train_seconds += dt
+                if tc.time_limit and self.max_steps is None:
+                    calib.append(dt)
+                    if len(calib) == 40:  # first steps include compilation; use the last 20
+                        per_step = float(np.median(calib[20:]))
+                        remaining = tc.time_limit - self.train_seconds
+                        self.max_steps = self.step + max(1, int(remaining / per_step))
+                        if self.rank == 0:
+                            print(f"time limit: {per_step * 1000:.1f} ms/step -> max_steps {self.max_steps}",
+                                  flush=True)
+                if self.rank == 0 and tc.progress and bar is None and self.max_steps:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=self.max_steps, initial=self.step, mininterval=2.0, dynamic_ncols=True)
+                if bar is not None:
+                    bar.update(1)
+                if need_log:
+                    if self.world > 1:
+                        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                    rec = {"step": self.step, "loss": round(loss_sum.item(), 6), "lr": lr,
+                           "tokens": self.tokens_seen, "tokens_per_s": round(self.tokens_per_step / max(dt, 1e-9)),
+                           "grad_norm": round(float(gnorm), 4)}
+                    if self.step % tc.eval_every == 0 or self.step == self.max_steps:
+                        rec["val_loss"] = round(self.evaluate(), 6)
+                    last = rec
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                        if "val_loss" in rec:
+                            plot_metrics(metrics_path, self.out / "loss.png")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,}")
+                if self.step % tc.ckpt_every == 0 or time.time() - last_ckpt_time > tc.ckpt_seconds:
+                    self.save()
+                    last_ckpt_time = time.time()
+            if self.step > start_step or not _snapshots(self.out):
+                if not last or "val_loss" not in last:
+                    last = {**last, "step": self.step, "val_loss": round(self.evaluate(), 6)}
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        if self.rank == 0 and metrics_path.is_file():
+            plot_metrics(metrics_path, self.out / "loss.png")
+        return {"step": self.step, "tokens": self.tokens_seen, **{k: last.get(k) for k in ("loss", "val_loss")}}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def plot_metrics(metrics: Path, png: Path) -> None:
+    """Redraw the loss curve (train and validation against tokens). Written atomically."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("GPT-S training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def train(tc: TrainConfig, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    trainer = Trainer(tc, model_cfg)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
