@@ -65,7 +65,7 @@ def generate(
 ) -> None:
     """Continue a prompt with the shared sampler."""
     from gpts_edge.generation import generate_text, sampling_options
-    from gpts_edge.runtimes.registry import open_runtime
+    from gpts_edge.api import open_runtime
 
     try:
         rt = open_runtime(runtime, model)
@@ -121,6 +121,95 @@ def train(
     except GptsError as exc:
         _fail(exc)
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def export(
+    format: Annotated[str, typer.Option("--format", help="onnx | gguf | ort | hf")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output file or folder.")],
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")] = None,
+    quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
+    quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
+    arch: Annotated[str, typer.Option(help="GGUF: gpts | llama (plain-GQA checkpoints only)")] = "gpts",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's choice).")] = None,
+) -> None:
+    """Export a checkpoint to ONNX (with KV cache), GGUF, ORT (mobile) or a Hugging Face folder."""
+    try:
+        if format == "onnx":
+            from gpts_edge.export.onnx import export_onnx
+
+            export_onnx(model, output, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
+        elif format == "gguf":
+            from gpts_edge.export.gguf import export_gguf
+
+            export_gguf(model, output, quant=quant, arch=arch, log=lambda m: typer.echo(m, err=True))
+        elif format == "ort":
+            from gpts_edge.export.ort import export_ort
+
+            export_ort(model, output, quantize=quantize, log=lambda m: typer.echo(m, err=True))
+        elif format == "hf":
+            from gpts_edge.export.hf import export_hf
+
+            export_hf(model, output, log=lambda m: typer.echo(m, err=True))
+        else:
+            raise GptsError(f"--format: unknown format {format!r}; choose from onnx, gguf, ort, hf")
+    except GptsError as exc:
+        _fail(exc)
+
+
+@app.command("import")
+def import_(
+    source: Annotated[str, typer.Argument(help="A .gguf file or a Hugging Face folder.")],
+    format: Annotated[str, typer.Option("--format", help="gguf | hf")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
+) -> None:
+    """Turn a GGUF file or HF folder back into a checkpoint directory."""
+    try:
+        if format == "gguf":
+            from gpts_edge.export.gguf import import_gguf
+
+            import_gguf(source, output)
+        elif format == "hf":
+            from gpts_edge.export.hf import import_hf
+
+            import_hf(source, output)
+        else:
+            raise GptsError(f"--format: unknown format {format!r}; choose from gguf, hf")
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+def parity(
+    format: Annotated[str, typer.Option("--format", help="onnx | gguf | ort")] = "onnx",
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")] = None,
+    quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
+    quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare an export's logits with PyTorch; exits 1 when a bound fails."""
+    try:
+        if format in ("onnx", "ort"):
+            from gpts_edge.export.onnx import parity_report
+
+            report = parity_report(model, quantize=quantize, ort_format=format == "ort")
+        elif format == "gguf":
+            from gpts_edge.export.gguf import parity_report as gguf_parity
+
+            report = gguf_parity(model, quant=quant)
+        else:
+            raise GptsError(f"--format: unknown format {format!r}; choose from onnx, gguf, ort")
+    except GptsError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for row in report["rows"]:
+            mark = "ok " if row["ok"] else "FAIL"
+            typer.echo(f"{mark} {row['check']:40s} {row['value']:<14} bound {row['bound']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 @tokenizer_app.command("train")

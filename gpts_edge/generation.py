@@ -1,0 +1,65 @@
+"""Text in, text out, for any runtime: tokenizer + the shared sampling loop (numpy only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.sampling import SamplingOptions, generate_tokens
+from gpts_edge.tokenizer import EOT_ID, StreamDecoder
+
+
+class Runtime(Protocol):
+    """What every runtime supplies. ``step`` takes the new token ids (1-D int64) and returns the
+    next-token logits (1-D float) and the updated cache."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]
+
+    def new_cache(self) -> Any: ...
+
+    def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
+
+
+def sampling_options(generation_config: dict[str, Any], *, greedy: bool = False, **overrides: Any) -> SamplingOptions:
+    """Defaults from generation_config.json, then explicit overrides (None = keep default)."""
+    g = generation_config
+    values = {
+        "temperature": float(g.get("temperature", 0.8)) if g.get("do_sample", True) else 0.0,
+        "top_k": int(g.get("top_k", 0) or 0),
+        "top_p": float(g.get("top_p", 1.0)),
+        "repetition_penalty": float(g.get("repetition_penalty", 1.0)),
+        "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size", 0) or 0),
+        "max_new_tokens": int(g.get("max_new_tokens", 80)),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if greedy:
+        values["temperature"] = 0.0
+    return SamplingOptions(**values)
+
+
+def generate_ids(rt: Runtime, prompt_ids: list[int], opts: SamplingOptions, *, seed: int = 0,
+                 warn: Callable[[str], None] | None = None) -> Iterator[int]:
+    return generate_tokens(rt.step, rt.new_cache, prompt_ids, opts, context_length=rt.config.context_length,
+                           vocab_size=rt.config.vocab_size, eos_id=EOT_ID, seed=seed, warn=warn)
+
+
+def generate_text(rt: Runtime, prompt: str, opts: SamplingOptions, *, seed: int = 0,
+                  warn: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Yield text pieces as tokens arrive (never splitting a UTF-8 character)."""
+    if not isinstance(prompt, str):
+        raise GptsError(f"prompt: expected text, found {type(prompt).__name__}")
+    ids = rt.tokenizer.encode(prompt).ids if prompt else []
+    dec = StreamDecoder(rt.tokenizer)
+    for tok in generate_ids(rt, ids, opts, seed=seed, warn=warn):
+        if tok == EOT_ID:
+            break
+        piece = dec.push(tok)
+        if piece:
+            yield piece

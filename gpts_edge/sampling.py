@@ -1,0 +1,162 @@
+"""The one sampler and the one generation loop, numpy only. Every runtime (torch, ONNX, GGUF,
+and the JavaScript port, pinned by golden vectors) goes through these.
+
+A runtime supplies only ``step(tokens, cache) -> (logits, cache)``: ``tokens`` is an int64 array
+of the new token ids, ``logits`` the float scores of the next token after the last of them.
+
+Order of operations in ``sample`` (fixed; the JS port follows it exactly), all in float64:
+  1. repetition penalty on every token id in ``history`` (HF rule: positive logits / r,
+     negative logits * r)
+  2. no-repeat-ngram: ban each token that would complete an n-gram already in ``history``
+  3. greedy (temperature == 0): argmax, lowest id wins ties
+  4. divide by temperature
+  5. top-k: keep the k largest (ties at the boundary are kept)
+  6. softmax
+  7. top-p: sort by probability (descending, stable, so lower id first on ties), keep the
+     shortest prefix whose mass reaches p (at least one token)
+  8. draw: with u in [0, 1), the first kept token (in id order) whose cumulative mass exceeds
+     u * total kept mass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpts_edge.errors import GptsError
+
+StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.8
+    top_k: int = 0  # 0: off
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    no_repeat_ngram_size: int = 4  # 0: off
+    max_new_tokens: int = 80
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise GptsError(f"--temperature: expected >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GptsError(f"--top-p: expected a value in (0, 1], found {self.top_p}")
+        if self.top_k < 0:
+            raise GptsError(f"--top-k: expected >= 0 (0 = off), found {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise GptsError(f"--repetition-penalty: expected > 0, found {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise GptsError(f"--no-repeat-ngram-size: expected >= 0, found {self.no_repeat_ngram_size}")
+        if self.max_new_tokens < 0:
+            raise GptsError(f"--max-new-tokens: expected >= 0, found {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in ``history``."""
+    if n <= 0 or len(history) < n:
+        return set()
+    prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+    banned = set()
+    for i in range(len(history) - n + 1):
+        if tuple(history[i:i + n - 1]) == prefix:
+            banned.add(int(history[i + n - 1]))
+    return banned
+
+
+def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u: float) -> int:
+    """One token id from ``logits`` (1-D) given the ids so far and a uniform draw ``u``."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    if opts.repetition_penalty != 1.0 and len(history):
+        ids = np.unique(np.asarray(history, dtype=np.int64))
+        vals = x[ids]
+        x[ids] = np.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
+    for t in banned_ngram_tokens(history, opts.no_repeat_ngram_size):
+        x[t] = -np.inf
+    if opts.greedy:
+        return int(np.argmax(x))
+    x = x / opts.temperature
+    if opts.top_k and opts.top_k < len(x):
+        kth = np.partition(x, -opts.top_k)[-opts.top_k]
+        x[x < kth] = -np.inf
+    finite = np.isfinite(x)
+    if not finite.any():  # everything banned: fall back to the raw argmax rather than fail
+        return int(np.argmax(logits))
+    p = np.zeros_like(x)
+    p[finite] = np.exp(x[finite] - x[finite].max())
+    p /= p.sum()
+    if opts.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep_n = int(np.searchsorted(cum, opts.top_p) + 1)
+        keep = np.zeros_like(p, dtype=bool)
+        keep[order[:keep_n]] = True
+        p = np.where(keep, p, 0.0)
+    cum = np.cumsum(p)
+    idx = int(np.searchsorted(cum, u * cum[-1], side="right"))
+    idx = min(idx, len(p) - 1)
+    while p[idx] == 0 and idx > 0:  # u * total landed exactly on a boundary after the last kept id
+        idx -= 1
+    return idx
+
+
+def generate_tokens(
+    step: StepFn,
+    new_cache: Callable[[], Any],
+    prompt_ids: Sequence[int],
+    opts: SamplingOptions,
+    *,
+    context_length: int,
+    vocab_size: int,
+    eos_id: int = 0,
+    seed: int = 0,
+    draws: Iterator[float] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[int]:
+    """Yield new token ids. Prefill is one ``step`` call, then one call per token.
+
+    When the context fills up, the window slides: the cache is dropped and the most recent
+    3/4 of the context is prefilled again (positions restart at 0), then generation goes on.
+    """
+    ids = [int(t) for t in prompt_ids] or [eos_id]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise GptsError(f"token id {bad[0]} is outside the vocabulary (expected 0..{vocab_size - 1})")
+    if len(ids) > context_length:
+        if warn:
+            warn(f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)")
+        ids = ids[-context_length:]
+    rng = np.random.default_rng(seed)
+    if draws is None:
+        draws = iter(rng.random, None)
+    history = list(ids)
+    cache = new_cache()
+    logits, cache = step(np.asarray(ids, dtype=np.int64), cache)
+    filled = len(ids)
+    slid = False
+    for _ in range(opts.max_new_tokens):
+        tok = sample(logits, opts, history, next(draws))
+        yield tok
+        history.append(tok)
+        if opts.stop_at_eos and tok == eos_id:
+            return
+        if filled + 1 > context_length:
+            keep = history[-(context_length * 3 // 4):]
+            if warn and not slid:
+                warn(f"note: context of {context_length} tokens is full; sliding the window "
+                     f"(re-reading the last {len(keep)} tokens)")
+            slid = True
+            cache = new_cache()
+            logits, cache = step(np.asarray(keep, dtype=np.int64), cache)
+            filled = len(keep)
+        else:
+            logits, cache = step(np.asarray([tok], dtype=np.int64), cache)
+            filled += 1
