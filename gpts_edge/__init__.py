@@ -1,8 +1,8 @@
 """gpts-edge: GPT-S-1.4M (XGQA) on the edge.
 
-    from gpts_edge import load
-    m = load("out/")                    # an exported ONNX folder
-    print(m.generate("The future of AI is", max_new_tokens=40))
+from gpts_edge import load
+m = load("out/")                    # an exported ONNX folder
+print(m.generate("The future of AI is", max_new_tokens=40))
 """
 
 from gpts_edge.errors import GptsError

@@ -58,7 +58,9 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     if not path.exists():
         raise GptsError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
-        raise GptsError(f"{path}: expected a checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+        raise GptsError(
+            f"{path}: expected a checkpoint directory (config.json, model.safetensors, tokenizer.json)"
+        )
     return path.resolve()
 
 
@@ -96,7 +98,11 @@ def validate_weights(weights: dict[str, Any], cfg: ModelConfig, source: str) -> 
         raise GptsError(f"{source}: missing tensor {missing[0]!r}{more}")
     extra = [n for n in weights if n not in expected]
     if extra:
-        hint = " (the head is tied to model.embed_tokens.weight and is not stored)" if "lm_head.weight" in extra else ""
+        hint = (
+            " (the head is tied to model.embed_tokens.weight and is not stored)"
+            if "lm_head.weight" in extra
+            else ""
+        )
         raise GptsError(f"{source}: unexpected tensor {extra[0]!r}{hint}")
     for name, shape in expected.items():
         found = tuple(weights[name].shape)

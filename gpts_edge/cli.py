@@ -11,8 +11,12 @@ import typer
 
 from gpts_edge.errors import GptsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="GPT-S-1.4M on the edge: train, export, run.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="GPT-S-1.4M on the edge: train, export, run.",
+)
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizer tools.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
@@ -24,7 +28,9 @@ def _fail(exc: GptsError) -> None:
 
 @app.command()
 def info(
-    model: Annotated[str | None, typer.Argument(help="Checkpoint directory (default: the bundled model).")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Checkpoint directory (default: the bundled model).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe a checkpoint: parameters, config, vocabulary, files, weights sha256."""
@@ -64,14 +70,21 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Print tokens as they come.")] = False,
 ) -> None:
     """Continue a prompt with the shared sampler."""
-    from gpts_edge.generation import generate_text, sampling_options
     from gpts_edge.api import open_runtime
+    from gpts_edge.generation import generate_text, sampling_options
 
     try:
         rt = open_runtime(runtime, model)
-        opts = sampling_options(rt.generation_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                greedy=greedy, max_new_tokens=max_new_tokens)
+        opts = sampling_options(
+            rt.generation_config,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            greedy=greedy,
+            max_new_tokens=max_new_tokens,
+        )
         pieces = generate_text(rt, prompt, opts, seed=seed, warn=lambda m: typer.echo(m, err=True))
         typer.echo(prompt, nl=False)
         for piece in pieces:
@@ -85,13 +98,20 @@ def generate(
 
 @app.command()
 def train(
-    data: Annotated[list[str], typer.Option(help="PATH[:WEIGHT]: text, .jsonl(.gz), dir, glob or prepared dir; repeatable.")],
+    data: Annotated[
+        list[str],
+        typer.Option(help="PATH[:WEIGHT]: text, .jsonl(.gz), dir, glob or prepared dir; repeatable."),
+    ],
     out: Annotated[str, typer.Option(help="Run directory.")],
     preset: Annotated[str, typer.Option(help="gpt-s-1.4m | tiny")] = "gpt-s-1.4m",
     tokens: Annotated[int | None, typer.Option(help="Total training tokens.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Total optimizer steps (sets the schedule).")] = None,
-    stop_at: Annotated[int | None, typer.Option(help="Stop after this step, keeping the schedule of --max-steps.")] = None,
-    time_limit: Annotated[float | None, typer.Option(help="Seconds of training; sets --max-steps from measured speed.")] = None,
+    stop_at: Annotated[
+        int | None, typer.Option(help="Stop after this step, keeping the schedule of --max-steps.")
+    ] = None,
+    time_limit: Annotated[
+        float | None, typer.Option(help="Seconds of training; sets --max-steps from measured speed.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     grad_accum: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
@@ -112,11 +132,29 @@ def train(
     from gpts_edge.training.train import train as run_training
 
     try:
-        tc = preset_config(preset, data=data, out=out, tokens=tokens, max_steps=max_steps, stop_at=stop_at,
-                           time_limit=time_limit, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                           warmup=warmup, device=device, dtype=dtype, compile=compile, seed=seed,
-                           eval_every=eval_every, ckpt_every=ckpt_every, log_every=log_every,
-                           tokenizer=tokenizer, resume=resume, progress=progress)
+        tc = preset_config(
+            preset,
+            data=data,
+            out=out,
+            tokens=tokens,
+            max_steps=max_steps,
+            stop_at=stop_at,
+            time_limit=time_limit,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            warmup=warmup,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            seed=seed,
+            eval_every=eval_every,
+            ckpt_every=ckpt_every,
+            log_every=log_every,
+            tokenizer=tokenizer,
+            resume=resume,
+            progress=progress,
+        )
         result = run_training(tc)
     except GptsError as exc:
         _fail(exc)
@@ -127,7 +165,9 @@ def train(
 def export(
     format: Annotated[str, typer.Option("--format", help="onnx | gguf | ort | hf")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output file or folder.")],
-    model: Annotated[str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
+    ] = None,
     quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
     quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
     arch: Annotated[str, typer.Option(help="GGUF: gpts | llama (plain-GQA checkpoints only)")] = "gpts",
@@ -183,7 +223,9 @@ def import_(
 @app.command()
 def parity(
     format: Annotated[str, typer.Option("--format", help="onnx | gguf | ort")] = "onnx",
-    model: Annotated[str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
+    ] = None,
     quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
     quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -35,8 +35,16 @@ class ModelConfig:
     eos_token_id: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "intermediate_size", "context_length")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "context_length",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -47,7 +55,9 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
-            raise GptsError(f"config field head_dim: rotary embedding needs an even value, found {self.head_dim}")
+            raise GptsError(
+                f"config field head_dim: rotary embedding needs an even value, found {self.head_dim}"
+            )
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise GptsError("config: rope_theta and rms_norm_eps must be positive")
 
@@ -103,13 +113,26 @@ class ModelConfig:
         archs = data.pop("architectures", [ARCHITECTURE])
         if archs != [ARCHITECTURE]:
             raise GptsError(f"{source}: field architectures: expected [{ARCHITECTURE!r}], found {archs!r}")
-        fixed = {"tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+        fixed = {
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+        }
         for key, expected in fixed.items():
             if key in data and data.pop(key) != expected:
                 raise GptsError(f"{source}: field {key}: this architecture supports only {expected!r}")
         # Keys HF tooling adds that carry no model information.
-        for key in ("torch_dtype", "dtype", "transformers_version", "auto_map", "use_cache", "pad_token_id",
-                    "_name_or_path", "initializer_range"):
+        for key in (
+            "torch_dtype",
+            "dtype",
+            "transformers_version",
+            "auto_map",
+            "use_cache",
+            "pad_token_id",
+            "_name_or_path",
+            "initializer_range",
+        ):
             data.pop(key, None)
         kwargs: dict[str, Any] = {}
         for hf_key, field in _HF_TO_FIELD.items():
@@ -158,6 +181,14 @@ _HF_TO_FIELD = {
 PRESETS: dict[str, ModelConfig] = {
     "gpt-s-1.4m": ModelConfig(),
     # Small enough that tests train it in seconds; same shape rules as the real model.
-    "tiny": ModelConfig(vocab_size=4096, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                        intermediate_size=48, context_length=64),
+    "tiny": ModelConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        context_length=64,
+    ),
 }

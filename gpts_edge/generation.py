@@ -27,7 +27,9 @@ class Runtime(Protocol):
     def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
 
 
-def sampling_options(generation_config: dict[str, Any], *, greedy: bool = False, **overrides: Any) -> SamplingOptions:
+def sampling_options(
+    generation_config: dict[str, Any], *, greedy: bool = False, **overrides: Any
+) -> SamplingOptions:
     """Defaults from generation_config.json, then explicit overrides (None = keep default)."""
     g = generation_config
     values = {
@@ -44,14 +46,35 @@ def sampling_options(generation_config: dict[str, Any], *, greedy: bool = False,
     return SamplingOptions(**values)
 
 
-def generate_ids(rt: Runtime, prompt_ids: list[int], opts: SamplingOptions, *, seed: int = 0,
-                 warn: Callable[[str], None] | None = None) -> Iterator[int]:
-    return generate_tokens(rt.step, rt.new_cache, prompt_ids, opts, context_length=rt.config.context_length,
-                           vocab_size=rt.config.vocab_size, eos_id=EOT_ID, seed=seed, warn=warn)
+def generate_ids(
+    rt: Runtime,
+    prompt_ids: list[int],
+    opts: SamplingOptions,
+    *,
+    seed: int = 0,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[int]:
+    return generate_tokens(
+        rt.step,
+        rt.new_cache,
+        prompt_ids,
+        opts,
+        context_length=rt.config.context_length,
+        vocab_size=rt.config.vocab_size,
+        eos_id=EOT_ID,
+        seed=seed,
+        warn=warn,
+    )
 
 
-def generate_text(rt: Runtime, prompt: str, opts: SamplingOptions, *, seed: int = 0,
-                  warn: Callable[[str], None] | None = None) -> Iterator[str]:
+def generate_text(
+    rt: Runtime,
+    prompt: str,
+    opts: SamplingOptions,
+    *,
+    seed: int = 0,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[str]:
     """Yield text pieces as tokens arrive (never splitting a UTF-8 character)."""
     if not isinstance(prompt, str):
         raise GptsError(f"prompt: expected text, found {type(prompt).__name__}")

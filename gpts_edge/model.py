@@ -44,9 +44,13 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, 1, T, head_dim) in the HF "rotate half" layout."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    )
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos()[:, None], emb.sin()[:, None]
@@ -197,7 +201,9 @@ class GPTS(nn.Module):
 
 def _self_mask(T: int, total: int, device: torch.device) -> torch.Tensor:
     """(T, total) boolean, True where the key is the query's own position."""
-    return torch.arange(total, device=device)[None, :] == (torch.arange(T, device=device)[:, None] + total - T)
+    return torch.arange(total, device=device)[None, :] == (
+        torch.arange(T, device=device)[:, None] + total - T
+    )
 
 
 def load_model(path=None, device: str | torch.device = "cpu") -> GPTS:

@@ -61,7 +61,7 @@ def _split(name: str) -> tuple[str, int | None]:
     parts = name.split(".")
     for k, part in enumerate(parts):
         if part.isdigit() and k > 0 and parts[k - 1] in ("layers", "blk"):
-            return ".".join([*parts[:k], "{i}", *parts[k + 1:]]), int(part)
+            return ".".join([*parts[:k], "{i}", *parts[k + 1 :]]), int(part)
     return name, None
 
 

@@ -64,10 +64,10 @@ def banned_ngram_tokens(history: Sequence[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in ``history``."""
     if n <= 0 or len(history) < n:
         return set()
-    prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
     banned = set()
     for i in range(len(history) - n + 1):
-        if tuple(history[i:i + n - 1]) == prefix:
+        if tuple(history[i : i + n - 1]) == prefix:
             banned.add(int(history[i + n - 1]))
     return banned
 
@@ -149,10 +149,12 @@ def generate_tokens(
         if opts.stop_at_eos and tok == eos_id:
             return
         if filled + 1 > context_length:
-            keep = history[-(context_length * 3 // 4):]
+            keep = history[-(context_length * 3 // 4) :]
             if warn and not slid:
-                warn(f"note: context of {context_length} tokens is full; sliding the window "
-                     f"(re-reading the last {len(keep)} tokens)")
+                warn(
+                    f"note: context of {context_length} tokens is full; sliding the window "
+                    f"(re-reading the last {len(keep)} tokens)"
+                )
             slid = True
             cache = new_cache()
             logits, cache = step(np.asarray(keep, dtype=np.int64), cache)

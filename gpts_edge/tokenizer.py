@@ -86,7 +86,7 @@ class StreamDecoder:
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for the next token
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         return piece
 
 

@@ -39,7 +39,9 @@ class TorchRuntime:
     def forward_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Full-sequence logits (B, T, vocab) for scoring; left padding via attention_mask."""
         ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
-        mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+        mask = (
+            None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask, dtype=np.int64))
+        )
         pos = None
         if mask is not None:
             pos = (mask.cumsum(-1) - 1).clamp_min(0)

@@ -94,8 +94,13 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
         train[:-cut].tofile(tmp / "train.bin")
         train[-cut:].tofile(tmp / "val.bin")
         counts = {"train": len(train) - cut, "val": cut}
-    meta = {"format": TOKENS_FORMAT, "source": spec, "documents": n_doc, "tokens": counts,
-            "tokenizer_sha256_16": tokenizer_hash(tokenizer_json)}
+    meta = {
+        "format": TOKENS_FORMAT,
+        "source": spec,
+        "documents": n_doc,
+        "tokens": counts,
+        "tokenizer_sha256_16": tokenizer_hash(tokenizer_json),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if out.exists():  # another process finished the same source first
         import shutil
@@ -163,8 +168,8 @@ def validation_windows(sources: list[Source], seq_len: int, max_windows: int) ->
     rows = []
     for s in sources:
         n = max(1, int(round(max_windows * s.weight / total_w)))
-        val = s.val if len(s.val) > seq_len + 1 else np.concatenate([s.val, s.train[-(seq_len + 2):]])
+        val = s.val if len(s.val) > seq_len + 1 else np.concatenate([s.val, s.train[-(seq_len + 2) :]])
         avail = (len(val) - 1) // seq_len
         for k in range(min(n, avail)):
-            rows.append(val[k * seq_len: k * seq_len + seq_len + 1].astype(np.int64))
+            rows.append(val[k * seq_len : k * seq_len + seq_len + 1].astype(np.int64))
     return np.stack(rows)

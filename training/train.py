@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gpts_edge.training.data import Sampler, load_sources, validation_windows
+from gpts_edge.training.schedule import wsd_lr
 
 from gpts_edge.checkpoint import (
     CONFIG_FILE,
@@ -41,8 +43,6 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
-from gpts_edge.training.data import Sampler, load_sources, validation_windows
-from gpts_edge.training.schedule import wsd_lr
 
 STATE_FILE = "train_state.json"
 OPTIM_FILE = "optimizer.safetensors"
@@ -83,8 +83,17 @@ class TrainConfig:
 
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "gpt-s-1.4m": {"batch_size": 256, "grad_accum": 3, "lr": 3.5e-3, "warmup": 2000, "tokens": 6_000_000_000},
-    "tiny": {"batch_size": 8, "grad_accum": 1, "lr": 3e-3, "warmup": 10, "max_steps": 100, "log_every": 5,
-             "eval_every": 20, "eval_windows": 8, "ckpt_every": 20},
+    "tiny": {
+        "batch_size": 8,
+        "grad_accum": 1,
+        "lr": 3e-3,
+        "warmup": 10,
+        "max_steps": 100,
+        "log_every": 5,
+        "eval_every": 20,
+        "eval_windows": 8,
+        "ckpt_every": 20,
+    },
 }
 
 
@@ -97,7 +106,11 @@ def preset_config(preset: str, **overrides: Any) -> TrainConfig:
 
 # --- distributed ------------------------------------------------------------------------------
 def _dist_info() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
@@ -117,7 +130,9 @@ def _snapshots(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()
+    )
 
 
 def _optim_to_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
@@ -133,7 +148,9 @@ def _optim_to_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str,
     return tensors
 
 
-def _optim_from_tensors(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+def _optim_from_tensors(
+    opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]
+) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     for name, p in zip(names, params, strict=True):
         if f"{name}.exp_avg" not in tensors:
@@ -190,7 +207,10 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tc.betas, eps=1e-8, fused=fused,
+            lr=tc.lr,
+            betas=tc.betas,
+            eps=1e-8,
+            fused=fused,
         )
         self.step = 0
         self.tokens_seen = 0
@@ -198,7 +218,9 @@ class Trainer:
         if tc.resume:
             self._resume()
         elif _snapshots(self.out):
-            raise GptsError(f"{self.out}: holds checkpoints of an earlier run; pass --resume or pick a new --out")
+            raise GptsError(
+                f"{self.out}: holds checkpoints of an earlier run; pass --resume or pick a new --out"
+            )
         self.ddp_model: torch.nn.Module = self.model
         if self.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -217,7 +239,9 @@ class Trainer:
         state = json.loads((snap / STATE_FILE).read_text())
         saved_cfg = ModelConfig.load(snap / CONFIG_FILE)
         if saved_cfg != self.cfg:
-            raise GptsError(f"{snap}/{CONFIG_FILE}: the run's model config differs from --preset {self.tc.preset}")
+            raise GptsError(
+                f"{snap}/{CONFIG_FILE}: the run's model config differs from --preset {self.tc.preset}"
+            )
         if state["world_size"] != self.world:
             raise GptsError(f"{snap}: saved with {state['world_size']} processes, resuming with {self.world}")
         from gpts_edge.checkpoint import load_weights
@@ -258,8 +282,12 @@ class Trainer:
             (tmp / "ckpt").rmdir()
             save_file(_optim_to_tensors(self.opt, self.param_names), str(tmp / OPTIM_FILE))
             state = {
-                "step": self.step, "tokens": self.tokens_seen, "max_steps": self.max_steps,
-                "world_size": self.world, "sampler": samplers, "train_seconds": self.train_seconds,
+                "step": self.step,
+                "tokens": self.tokens_seen,
+                "max_steps": self.max_steps,
+                "world_size": self.world,
+                "sampler": samplers,
+                "train_seconds": self.train_seconds,
                 "train_config": {k: v for k, v in dataclasses.asdict(self.tc).items() if k != "resume"},
             }
             # Written last: a snapshot without it is ignored by --resume.
@@ -302,7 +330,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         tc = self.tc
         metrics_path = self.out / "metrics.jsonl"
-        log = open(metrics_path, "a") if self.rank == 0 else None
+        log = open(metrics_path, "a") if self.rank == 0 else None  # noqa: SIM115 (closed in finally)
         bar = None
         last_ckpt_time = time.time()
         calib: list[float] = []
@@ -315,8 +343,13 @@ class Trainer:
                 if tc.stop_at is not None and self.step >= tc.stop_at:
                     break
                 t0 = time.time()
-                lr = wsd_lr(self.step, peak=tc.lr, warmup=tc.warmup, total=self.max_steps or 10**12,
-                            decay_start_frac=tc.decay_start_frac)
+                lr = wsd_lr(
+                    self.step,
+                    peak=tc.lr,
+                    warmup=tc.warmup,
+                    total=self.max_steps or 10**12,
+                    decay_start_frac=tc.decay_start_frac,
+                )
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 loss_sum = torch.zeros((), device=self.device)
@@ -336,9 +369,8 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 need_log = self.step % tc.log_every == 0 or self.step == self.max_steps
-                if need_log or tc.time_limit and len(calib) < 40:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
+                if (need_log or tc.time_limit and len(calib) < 40) and self.device.type == "cuda":
+                    torch.cuda.synchronize()
                 dt = time.time() - t0
                 self.train_seconds += dt
                 if tc.time_limit and self.max_steps is None:
@@ -348,8 +380,10 @@ class Trainer:
                         remaining = tc.time_limit - self.train_seconds
                         self.max_steps = self.step + max(1, int(remaining / per_step))
                         if self.rank == 0:
-                            print(f"time limit: {per_step * 1000:.1f} ms/step -> max_steps {self.max_steps}",
-                                  flush=True)
+                            print(
+                                f"time limit: {per_step * 1000:.1f} ms/step -> max_steps {self.max_steps}",
+                                flush=True,
+                            )
                 if self.rank == 0 and tc.progress and bar is None and self.max_steps:
                     from tqdm import tqdm
 
@@ -359,9 +393,14 @@ class Trainer:
                 if need_log:
                     if self.world > 1:
                         torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-                    rec = {"step": self.step, "loss": round(loss_sum.item(), 6), "lr": lr,
-                           "tokens": self.tokens_seen, "tokens_per_s": round(self.tokens_per_step / max(dt, 1e-9)),
-                           "grad_norm": round(float(gnorm), 4)}
+                    rec = {
+                        "step": self.step,
+                        "loss": round(loss_sum.item(), 6),
+                        "lr": lr,
+                        "tokens": self.tokens_seen,
+                        "tokens_per_s": round(self.tokens_per_step / max(dt, 1e-9)),
+                        "grad_norm": round(float(gnorm), 4),
+                    }
                     if self.step % tc.eval_every == 0 or self.step == self.max_steps:
                         rec["val_loss"] = round(self.evaluate(), 6)
                     last = rec
@@ -386,7 +425,11 @@ class Trainer:
                 log.close()
         if self.rank == 0 and metrics_path.is_file():
             plot_metrics(metrics_path, self.out / "loss.png")
-        return {"step": self.step, "tokens": self.tokens_seen, **{k: last.get(k) for k in ("loss", "val_loss")}}
+        return {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            **{k: last.get(k) for k in ("loss", "val_loss")},
+        }
 
 
 class _nullcontext:
@@ -413,7 +456,9 @@ def plot_metrics(metrics: Path, png: Path) -> None:
     ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label="train", lw=1)
     val = [r for r in rows if "val_loss" in r]
     if val:
-        ax.plot([r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+        ax.plot(
+            [r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3
+        )
     ax.set_xlabel("tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("GPT-S training loss")
