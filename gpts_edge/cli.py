@@ -254,6 +254,50 @@ def parity(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
+    ] = None,
+    runtimes: Annotated[
+        str, typer.Option(help="Comma-separated: onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp")
+    ] = ("onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp"),
+    threads: Annotated[int, typer.Option(help="Threads per runtime.")] = 1,
+    prompt_tokens: Annotated[int, typer.Option()] = 32,
+    new_tokens: Annotated[int, typer.Option()] = 256,
+    repeat: Annotated[int, typer.Option(help="Workers per runtime; the median is reported.")] = 5,
+    train: Annotated[bool, typer.Option("--train", help="Measure trainer throughput instead.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Measure decode tokens/s, prefill, TTFT, cold start, memory and size of every runtime."""
+    from gpts_edge.bench import format_table, run_bench, train_bench
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    try:
+        if train:
+            result = train_bench(log=log)
+            typer.echo(json.dumps(result, indent=2))
+            return
+        names = [r.strip() for r in runtimes.split(",") if r.strip()]
+        if threads < 1 or repeat < 1 or new_tokens < 1 or prompt_tokens < 1:
+            raise GptsError("--threads, --repeat, --new-tokens and --prompt-tokens must be >= 1")
+        report = run_bench(
+            model,
+            names,
+            threads=threads,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            repeat=repeat,
+            log=log,
+        )
+    except GptsError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps({**report["results"], "_meta": report["meta"]}, indent=2))
+    else:
+        typer.echo(format_table(report))
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
