@@ -298,6 +298,30 @@ def bench(
         typer.echo(format_table(report))
 
 
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Option(help="hellaswag | arc_easy | arc_challenge | piqa | mc | all (or a comma list)")],
+    data: Annotated[str, typer.Option(help="The task's file, or a folder holding the files (all tasks).")],
+    model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
+    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "torch",
+    limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items (all their choices) per forward call.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON {task: {acc, acc_norm, n, ...}}.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show items done and items/s on stderr.")] = True,
+) -> None:
+    """Zero-shot multiple-choice accuracy (lm-evaluation-harness scoring); see docs/eval.md."""
+    from gpts_edge.api import open_runtime
+    from gpts_edge.evaluate import evaluate, expand_tasks, format_table
+
+    try:
+        tasks = expand_tasks(task)
+        rt = open_runtime(runtime, model)
+        results = evaluate(rt, tasks, data, limit=limit, batch_size=batch_size, progress=progress)
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
