@@ -1,0 +1,590 @@
+"""ONNX export with KV cache: one hand-assembled graph for prefill and decode, from numpy weights.
+
+The graph is built node by node with ``onnx.helper`` (no torch, no tracing), so it is small, its
+bytes depend only on the checkpoint, and every op is one that stock onnxruntime CPU runs:
+
+    input_ids ─ Gather(embed) ─┬─ L x [ RMSNorm ─ MatMul(qkv) ─ Split ─ RotaryEmbedding(q,k)
+                               │        ─ Attention(GQA, past, bool mask) ─ XSA ─ MatMul(o)
+                               │        ─ SkipSimplifiedLayerNorm ─ SwiGLU ] ─ lm_head ─ logits
+    attention_mask, position ─ bool mask (causal & not padding | self), computed once per call
+
+Standard opset-23 ops (RMSNormalization, RotaryEmbedding, Attention) carry most of the work;
+``com.microsoft`` ops are used where they cut nodes or bytes (SkipSimplifiedLayerNormalization,
+MatMulNBits, GatherBlockQuantized). XSA uses the value vectors computed in this call (the ``v``
+fed to Attention), never the cache, so prefill and decode are both exact.
+
+Quantized graphs store the tied embedding once as blockwise int8/int4 bytes that serve both the
+lm_head (MatMulNBits) and the token lookup (GatherBlockQuantized).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, Checkpoint, load_checkpoint
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.names import (
+    ONNX_ATTENTION_MASK,
+    ONNX_INPUT_IDS,
+    ONNX_LOGITS,
+    ONNX_PAST_KEY,
+    ONNX_PAST_VALUE,
+    ONNX_POSITION_IDS,
+    ONNX_PRESENT_KEY,
+    ONNX_PRESENT_VALUE,
+)
+
+QUANTIZATIONS = ("none", "int8", "int4")
+DEFAULT_OPSET = 23
+# RMSNormalization, RotaryEmbedding and Attention entered the default domain in opset 23.
+MIN_OPSET = 23
+# Block sizes for blockwise weight quantization: int4 needs small blocks to keep its error low;
+# int8 is precise enough that a larger block halves the scale overhead.
+BLOCK_SIZE = {"int8": 64, "int4": 32}
+BITS = {"int8": 8, "int4": 4}
+MODEL_FILE = "model.onnx"
+GENAI_FILE = "genai_config.json"
+CONFIG_FILE = "config.json"
+XSA_EPS = 1e-12  # the same clamp as gpts_edge.model.XSA_EPS (not imported: that module needs torch)
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise GptsError(
+            "ONNX export needs the onnx package: pip install 'gpts-edge[export]' "
+            "(or pass --model with an already exported folder)"
+        ) from None
+    return onnx
+
+
+def max_supported_opset() -> int:
+    """The newest default-domain opset both onnx and the installed onnxruntime know."""
+    import onnxruntime
+
+    onnx = _require_onnx()
+    # onnxruntime does not publish its opset ceiling; these are the versions it added them in.
+    ort_version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())
+    ort_max = 23 if ort_version < (1, 24) else 25
+    return min(onnx.defs.onnx_opset_version(), ort_max)
+
+
+# --- quantization (numpy) -------------------------------------------------------------------------
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise quantization of ``w`` (N, K) along K, in MatMulNBits layout.
+
+    Returns ``packed`` uint8 (N, n_blocks, block * bits / 8) and ``scales`` float32 (N, n_blocks).
+    Stored values are ``q + 2**(bits-1)`` so the default zero point of MatMulNBits and
+    GatherBlockQuantized applies; the block's largest-magnitude weight maps to -2**(bits-1), using
+    the full signed range (the q4_0 rule).
+    """
+    n, k = w.shape
+    n_blocks = -(-k // block)
+    padded = np.zeros((n, n_blocks * block), dtype=np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, n_blocks, block)
+    idx = np.abs(blocks).argmax(-1)
+    extreme = np.take_along_axis(blocks, idx[..., None], -1)[..., 0]
+    half = 2 ** (bits - 1)
+    scales = (extreme / -half).astype(np.float32)
+    safe = np.where(scales == 0, np.float32(1), scales)
+    q = np.clip(np.rint(blocks / safe[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return q, scales
+
+
+def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of ``quantize_blockwise`` (for tests and error estimates)."""
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+    else:
+        q = packed
+    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    return w.reshape(w.shape[0], -1)[:, :k]
+
+
+# --- graph ----------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """A tiny builder that names values uniquely and keeps nodes in insertion order."""
+
+    def __init__(self, onnx: Any) -> None:
+        self.onnx = onnx
+        self.h = onnx.helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._count: dict[str, int] = {}
+
+    def name(self, base: str) -> str:
+        n = self._count.get(base, 0)
+        self._count[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        n_out: int = 1,
+        *,
+        name: str | None = None,
+        domain: str = "",
+        outputs: list[str] | None = None,
+        **attrs: Any,
+    ) -> Any:
+        base = name or op_type
+        node_name = self.name(base)
+        outs = outputs or [f"{node_name}/out{i}" if n_out > 1 else f"{node_name}/out" for i in range(n_out)]
+        self.nodes.append(
+            self.h.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs)
+        )
+        return outs[0] if n_out == 1 else outs
+
+
+def _rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (context_length, head_dim/2) computed as gpts_edge.model.rope_cos_sin does (float32)."""
+    hd = cfg.head_dim
+    inv_freq = np.power(np.float32(cfg.rope_theta), -np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))
+    freqs = np.arange(cfg.context_length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def build_model(
+    cfg: ModelConfig, weights: dict[str, np.ndarray], *, quantize: str = "none", opset: int = DEFAULT_OPSET
+) -> Any:
+    """The ONNX ModelProto for ``weights`` (checkpoint names, float32)."""
+    onnx = _require_onnx()
+    from onnx import TensorProto
+
+    h = onnx.helper
+    g = _Graph(onnx)
+    d, hd, nh, nkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    grp, V, eps = cfg.group_size, cfg.vocab_size, float(cfg.rms_norm_eps)
+    quant = quantize != "none"
+    bits, block = (BITS[quantize], BLOCK_SIZE[quantize]) if quant else (0, 0)
+
+    def w(name: str) -> np.ndarray:
+        return np.asarray(weights[name], dtype=np.float32)
+
+    def linear(x: str, weight: np.ndarray, name: str) -> str:
+        """x @ weight.T for a (out, in) weight: MatMul on float32, MatMulNBits when quantized."""
+        n_out, k = weight.shape
+        if not quant:
+            return g.op("MatMul", [x, g.init(f"{name}.weight", weight.T)], name=name)
+        packed, scales = quantize_blockwise(weight, bits, block)
+        return g.op(
+            "MatMulNBits",
+            [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.scales", scales.reshape(-1))],
+            name=name,
+            domain="com.microsoft",
+            K=k,
+            N=n_out,
+            bits=bits,
+            block_size=block,
+        )
+
+    # Constants shared by all layers.
+    cos, sin = _rope_tables(cfg)
+    g.init("rope.cos", cos)
+    g.init("rope.sin", sin)
+    g.init("const.xsa_eps", np.array(XSA_EPS, dtype=np.float32))
+    g.init("const.zero", np.array(0, dtype=np.int64))
+    g.init("const.one", np.array(1, dtype=np.int64))
+    g.init("const.axis1", np.array([1], dtype=np.int64))
+    g.init("const.axis_last", np.array([-1], dtype=np.int64))
+    g.init("const.axes01", np.array([1, 2], dtype=np.int64))
+    g.init("const.shape_y5", np.array([0, 0, nkv, grp, hd], dtype=np.int64))
+    g.init("const.shape_vrow", np.array([0, 0, nkv, 1, hd], dtype=np.int64))
+    g.init("const.shape_vcol", np.array([0, 0, nkv, hd, 1], dtype=np.int64))
+    g.init("const.shape_y3", np.array([0, 0, nh * hd], dtype=np.int64))
+    g.init("const.split_qkv", np.array([(nh + nkv) * hd, nkv * hd], dtype=np.int64))
+    g.init("const.split_qk", np.array([nh * hd, nkv * hd], dtype=np.int64))
+    g.init("const.split_ff", np.array([f, f], dtype=np.int64))
+
+    # Attention mask (B, 1, S, past+S): key j visible to query i when j <= i (causal) and j is not
+    # padding; a query always sees itself so a padding row never softmaxes over nothing. This is
+    # gpts_edge.model's rule, built once per call.
+    seq = g.op("Shape", [ONNX_INPUT_IDS], name="mask/seq_len", start=1, end=2)
+    total = g.op("Shape", [ONNX_ATTENTION_MASK], name="mask/total_len", start=1, end=2)
+    past = g.op("Sub", [total, seq], name="mask/past_len")
+    total_s = g.op("Squeeze", [total], name="mask/total_scalar")
+    past_s = g.op("Squeeze", [past], name="mask/past_scalar")
+    k_pos = g.op("Range", ["const.zero", total_s, "const.one"], name="mask/key_pos")
+    q_pos = g.op("Range", [past_s, total_s, "const.one"], name="mask/query_pos")
+    q_col = g.op("Unsqueeze", [q_pos, "const.axis1"], name="mask/query_col")
+    causal = g.op("LessOrEqual", [k_pos, q_col], name="mask/causal")
+    itself = g.op("Equal", [k_pos, q_col], name="mask/self")
+    real = g.op("Cast", [ONNX_ATTENTION_MASK], name="mask/not_padding", to=TensorProto.BOOL)
+    real4 = g.op("Unsqueeze", [real, "const.axes01"], name="mask/not_padding_4d")
+    visible = g.op("And", [causal, real4], name="mask/visible")
+    mask = g.op("Or", [visible, itself], name="mask/bool")
+
+    # Token embedding (tied with the head).
+    emb = w("model.embed_tokens.weight")
+    if quant:
+        e_packed, e_scales = quantize_blockwise(emb, bits, block)
+        g.init("embed.qweight", e_packed)
+        g.init("embed.scales", e_scales)
+        e_rows = g.op(
+            "Reshape",
+            ["embed.qweight", g.init("const.shape_embed_rows", np.array([V, -1], np.int64))],
+            name="embed/rows",
+        )
+        x = g.op(
+            "GatherBlockQuantized",
+            [e_rows, ONNX_INPUT_IDS, "embed.scales"],
+            name="embed/gather",
+            domain="com.microsoft",
+            block_size=block,
+            bits=bits,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+    else:
+        g.init("embed.weight", emb)
+        x = g.op("Gather", ["embed.weight", ONNX_INPUT_IDS], name="embed/gather")
+
+    normed = g.op(
+        "RMSNormalization",
+        [x, g.init("layers.0.input_norm.weight", w("model.layers.0.input_layernorm.weight"))],
+        name="layers.0/input_norm",
+        epsilon=eps,
+        axis=-1,
+    )
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = f"layers.{i}/attn"
+        wqkv = np.concatenate(
+            [
+                w(p + "self_attn.q_proj.weight"),
+                w(p + "self_attn.k_proj.weight"),
+                w(p + "self_attn.v_proj.weight"),
+            ],
+            axis=0,
+        )
+        qkv = linear(normed, wqkv, f"{a}/qkv_proj")
+        qk, v = g.op("Split", [qkv, "const.split_qkv"], 2, name=f"{a}/split_qkv_v", axis=-1)
+        # One rotary node for q and k together: they share positions and tables.
+        qk = g.op(
+            "RotaryEmbedding",
+            [qk, "rope.cos", "rope.sin", ONNX_POSITION_IDS],
+            name=f"{a}/rotary",
+            num_heads=nh + nkv,
+        )
+        q, k = g.op("Split", [qk, "const.split_qk"], 2, name=f"{a}/split_q_k", axis=-1)
+        y = g.op(
+            "Attention",
+            [q, k, v, mask, ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i)],
+            3,
+            name=f"{a}/attention",
+            q_num_heads=nh,
+            kv_num_heads=nkv,
+            outputs=[f"{a}/y", ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i)],
+        )[0]
+        if cfg.exclusive_attention:
+            # z = y - (y.v / max(v.v, eps)) v per query head, v from this call's tokens.
+            y5 = g.op("Reshape", [y, "const.shape_y5"], name=f"{a}/xsa/y_grouped")
+            v_row = g.op("Reshape", [v, "const.shape_vrow"], name=f"{a}/xsa/v_row")
+            v_col = g.op("Reshape", [v, "const.shape_vcol"], name=f"{a}/xsa/v_col")
+            vv = g.op("ReduceSumSquare", [v_row, "const.axis_last"], name=f"{a}/xsa/v_dot_v", keepdims=1)
+            vv = g.op("Max", [vv, "const.xsa_eps"], name=f"{a}/xsa/clamp")
+            v_hat = g.op("Div", [v_row, vv], name=f"{a}/xsa/v_scaled")
+            yv = g.op("MatMul", [y5, v_col], name=f"{a}/xsa/y_dot_v")
+            proj = g.op("Mul", [yv, v_hat], name=f"{a}/xsa/projection")
+            z5 = g.op("Sub", [y5, proj], name=f"{a}/xsa/exclusive")
+            y = g.op("Reshape", [z5, "const.shape_y3"], name=f"{a}/xsa/heads")
+        o = linear(y, w(p + "self_attn.o_proj.weight"), f"{a}/o_proj")
+        normed, _, _, x = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [
+                x,
+                o,
+                g.init(f"layers.{i}.post_attention_norm.weight", w(p + "post_attention_layernorm.weight")),
+            ],
+            4,
+            name=f"layers.{i}/residual_post_attention_norm",
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        m = f"layers.{i}/mlp"
+        wgu = np.concatenate([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")], axis=0)
+        gu = linear(normed, wgu, f"{m}/gate_up_proj")
+        gate, up = g.op("Split", [gu, "const.split_ff"], 2, name=f"{m}/split_gate_up", axis=-1)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{m}/sigmoid")], name=f"{m}/silu")
+        mlp = linear(
+            g.op("Mul", [act, up], name=f"{m}/gate_times_up"), w(p + "mlp.down_proj.weight"), f"{m}/down_proj"
+        )
+        if i + 1 < cfg.num_layers:
+            norm_w = g.init(
+                f"layers.{i + 1}.input_norm.weight", w(f"model.layers.{i + 1}.input_layernorm.weight")
+            )
+            norm_name = f"layers.{i}/residual_layers.{i + 1}/input_norm"
+        else:
+            norm_w = g.init("final_norm.weight", w("model.norm.weight"))
+            norm_name = f"layers.{i}/residual_final_norm"
+        normed, _, _, x = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [x, mlp, norm_w],
+            4,
+            name=norm_name,
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+
+    if quant:
+        # The same bytes as the embedding, viewed as MatMulNBits' (N, blocks, blob) layout.
+        n_blocks = -(-d // block)
+        b3 = g.op(
+            "Reshape",
+            ["embed.qweight", g.init("const.shape_head", np.array([V, n_blocks, -1], np.int64))],
+            name="lm_head/weight_blocks",
+        )
+        s1 = g.op(
+            "Reshape",
+            ["embed.scales", g.init("const.shape_flat", np.array([-1], np.int64))],
+            name="lm_head/scales_flat",
+        )
+        g.op(
+            "MatMulNBits",
+            [normed, b3, s1],
+            name="lm_head",
+            domain="com.microsoft",
+            K=d,
+            N=V,
+            bits=bits,
+            block_size=block,
+            outputs=[ONNX_LOGITS],
+        )
+    else:
+        # Transposing the stored embedding keeps one copy in the file; onnxruntime folds it at load.
+        head = g.op("Transpose", ["embed.weight"], name="lm_head/weight_t", perm=[1, 0])
+        g.op("MatMul", [normed, head], name="lm_head", outputs=[ONNX_LOGITS])
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        h.make_tensor_value_info(ONNX_INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+        h.make_tensor_value_info(ONNX_ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
+        h.make_tensor_value_info(ONNX_POSITION_IDS, i64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [h.make_tensor_value_info(ONNX_LOGITS, f32, ["batch_size", "sequence_length", V])]
+    for i in range(cfg.num_layers):
+        for name in (ONNX_PAST_KEY, ONNX_PAST_VALUE):
+            inputs.append(
+                h.make_tensor_value_info(
+                    name.format(i=i), f32, ["batch_size", nkv, "past_sequence_length", hd]
+                )
+            )
+        for name in (ONNX_PRESENT_KEY, ONNX_PRESENT_VALUE):
+            outputs.append(
+                h.make_tensor_value_info(
+                    name.format(i=i), f32, ["batch_size", nkv, "total_sequence_length", hd]
+                )
+            )
+    graph = h.make_graph(g.nodes, "gpts", inputs, outputs, g.inits)
+    model = h.make_model(
+        graph,
+        producer_name="gpts-edge",
+        producer_version=_version(),
+        opset_imports=[h.make_opsetid("", opset), h.make_opsetid("com.microsoft", 1)],
+        ir_version=10,
+    )
+    model.doc_string = f"GPT-S (XGQA) decoder with KV cache; weights {quantize}"
+    meta = {"gpts.quantize": quantize, "gpts.layout": "prefill+decode, left padding via attention_mask"}
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gpts-edge")
+    except Exception:
+        return "0"
+
+
+def check_model(model: Any) -> Any:
+    """onnx.checker (full check) and strict shape inference; returns the inferred model."""
+    onnx = _require_onnx()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise GptsError(f"exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+# --- folder writing -------------------------------------------------------------------------------
+
+
+def genai_config(cfg: ModelConfig, generation: dict[str, Any], model_file: str) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for our graph (generic decoder, growing KV cache)."""
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id,
+            "context_length": cfg.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": model_file,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": ONNX_INPUT_IDS,
+                    "attention_mask": ONNX_ATTENTION_MASK,
+                    "position_ids": ONNX_POSITION_IDS,
+                    "past_key_names": ONNX_PAST_KEY.replace("{i}", "%d"),
+                    "past_value_names": ONNX_PAST_VALUE.replace("{i}", "%d"),
+                },
+                "outputs": {
+                    "logits": ONNX_LOGITS,
+                    "present_key_names": ONNX_PRESENT_KEY.replace("{i}", "%d"),
+                    "present_value_names": ONNX_PRESENT_VALUE.replace("{i}", "%d"),
+                },
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+            },
+            "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.eos_token_id,
+            "type": "decoder",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": bool(generation.get("do_sample", True)),
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": cfg.context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": int(generation.get("no_repeat_ngram_size", 0) or 0),
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
+            "temperature": float(generation.get("temperature", 1.0)),
+            "top_k": int(generation.get("top_k", 0) or 0),
+            "top_p": float(generation.get("top_p", 1.0)),
+        },
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _resolve_output(output: str | Path) -> Path:
+    out = Path(output)
+    if out.is_dir():
+        out = out / MODEL_FILE
+    elif out.suffix != ".onnx":
+        raise GptsError(f"{out}: expected a .onnx file path or an existing folder")
+    parent = out.parent
+    if not parent.exists():
+        raise GptsError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise GptsError(f"{parent}: output location is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise GptsError(f"{parent}: output directory is not writable")
+    return out
+
+
+def export_onnx(
+    model: str | Path | None,
+    output: str | Path,
+    *,
+    quantize: str = "none",
+    opset: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files."""
+    if quantize not in QUANTIZATIONS:
+        raise GptsError(
+            f"--quantize: unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}"
+        )
+    out = _resolve_output(output)
+    top = max_supported_opset()
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not MIN_OPSET <= opset <= top:
+        raise GptsError(
+            f"--opset: expected {MIN_OPSET}..{top} (RMSNormalization, RotaryEmbedding and "
+            f"Attention need opset {MIN_OPSET}), found {opset}"
+        )
+    log("[1/4] loading checkpoint")
+    ckpt = load_checkpoint(model)
+    log(f"[2/4] building graph ({quantize}, opset {opset})")
+    proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset)
+    log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
+    check_model(proto)
+    data = proto.SerializeToString()
+    log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
+    sidecars = _sidecar_files(ckpt, out.name)
+    try:
+        # The model goes last, so a folder holding model.onnx always holds its sidecars too.
+        for name, content in sidecars.items():
+            _write_atomic(out.parent / name, content)
+        _write_atomic(out, data)
+    except OSError as exc:
+        raise GptsError(f"{out.parent}: cannot write the export ({exc.strerror or exc})") from None
+    return out
+
+
+def _sidecar_files(ckpt: Checkpoint, model_file: str) -> dict[str, bytes]:
+    gen = dict(ckpt.generation)
+    return {
+        CONFIG_FILE: (json.dumps(ckpt.config.to_hf_dict(), indent=2) + "\n").encode(),
+        TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes(),
+        GENERATION_FILE: (json.dumps(gen, indent=2) + "\n").encode(),
+        GENAI_FILE: (json.dumps(genai_config(ckpt.config, gen, model_file), indent=2) + "\n").encode(),
+    }
+
+
+def export_to_folder(
+    model: str | Path | None, folder: Path, *, quantize: str = "none", log: Callable[[str], None] = print
+) -> Path:
+    """Export into a fresh folder atomically (temp folder beside it, then rename); used by caches."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / MODEL_FILE).is_file():  # lost a race to another process: theirs is fine
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / MODEL_FILE

@@ -1,0 +1,286 @@
+"""Run an exported ONNX folder with onnxruntime, numpy and tokenizers only (never torch).
+
+    from gpts_edge.runtimes.onnx import load
+    m = load("out/")                      # a folder from `gpts-edge export --format onnx`
+    print(m.generate("Once upon a time", max_new_tokens=40))
+    for piece in m.stream("Once upon a time"):
+        print(piece, end="", flush=True)
+
+One onnxruntime session serves every call: the prompt is prefilled in one run, then each new
+token is one run that feeds back the ``present.*`` tensors as ``past_key_values.*``. Sampling is
+the project's shared sampler (gpts_edge.sampling), so every runtime draws the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_generation_config
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.generation import generate_text, sampling_options
+from gpts_edge.names import (
+    ONNX_ATTENTION_MASK,
+    ONNX_INPUT_IDS,
+    ONNX_LOGITS,
+    ONNX_POSITION_IDS,
+    onnx_io_names,
+)
+from gpts_edge.tokenizer import load_tokenizer
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+# A 1.4M-parameter model is too small for a thread pool to pay off: one thread is fastest per
+# token on edge CPUs and leaves the other cores to the application.
+DEFAULT_THREADS = 1
+
+
+def _find_model_file(path: Path) -> Path:
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise GptsError(
+                f"{path}: expected a .onnx file or a folder exported by `gpts-edge export --format onnx`"
+            )
+        return path
+    if not path.exists():
+        raise GptsError(f"{path}: no such file or folder")
+    preferred = path / MODEL_FILE
+    if preferred.is_file():
+        return preferred
+    found = sorted(path.glob("*.onnx"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise GptsError(f"{path}: no .onnx file in this folder (expected {MODEL_FILE})")
+    raise GptsError(f"{path}: several .onnx files ({', '.join(p.name for p in found)}); pass one of them")
+
+
+@dataclass
+class OnnxCache:
+    """The KV cache between calls: the graph's ``present.*`` outputs in input order."""
+
+    past: list[np.ndarray]
+    length: int
+
+
+class OnnxRuntime:
+    """The Runtime protocol of gpts_edge.generation over one onnxruntime session."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.model_path = _find_model_file(Path(folder))
+        self.path = self.model_path.parent
+        self.config = ModelConfig.load(self.path / CONFIG_FILE)
+        self.tokenizer = load_tokenizer(self.path / TOKENIZER_FILE, self.config.vocab_size)
+        self.generation_config = load_generation_config(self.path / GENERATION_FILE)
+        threads = DEFAULT_THREADS if threads is None else int(threads)
+        if threads < 1:
+            raise GptsError(f"threads: expected a positive integer, found {threads}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads == 1:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several private exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise GptsError(f"{self.model_path}: not a loadable ONNX model ({first[:200]})") from None
+        self._check_io()
+        cfg = self.config
+        self._input_names, self._output_names = onnx_io_names(cfg)
+        self._past_names = self._input_names[3:]
+        self._empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+
+    def _check_io(self) -> None:
+        cfg = self.config
+        want_in, want_out = onnx_io_names(cfg)
+        found_in = [i.name for i in self.session.get_inputs()]
+        found_out = [o.name for o in self.session.get_outputs()]
+        if sorted(found_in) != sorted(want_in) or sorted(found_out) != sorted(want_out):
+            raise GptsError(
+                f"{self.model_path}: graph inputs/outputs do not match config.json "
+                f"({cfg.num_layers} layers): expected inputs {want_in[:4]}... ({len(want_in)}), "
+                f"found {found_in[:4]}{'...' if len(found_in) > 4 else ''} ({len(found_in)})"
+            )
+        for inp in self.session.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                shape = list(inp.shape)
+                if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
+                    raise GptsError(
+                        f"{self.model_path}: input {inp.name}: expected shape "
+                        f"[batch, {cfg.num_kv_heads}, past, {cfg.head_dim}], found {shape}"
+                    )
+        logits = self.session.get_outputs()[found_out.index(ONNX_LOGITS)]
+        if (
+            logits.shape
+            and logits.shape[-1] not in (cfg.vocab_size, None)
+            and isinstance(logits.shape[-1], int)
+        ):
+            raise GptsError(
+                f"{self.model_path}: output logits: expected vocabulary {cfg.vocab_size}, "
+                f"found {logits.shape[-1]}"
+            )
+
+    # --- Runtime protocol ------------------------------------------------------------------------
+
+    def new_cache(self) -> OnnxCache:
+        return OnnxCache([self._empty] * len(self._past_names), 0)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = int(ids.max() if ids.max() >= self.config.vocab_size else ids.min())
+            raise GptsError(
+                f"token id {bad} is outside the vocabulary (expected 0..{self.config.vocab_size - 1})"
+            )
+
+    def step(self, tokens: np.ndarray, cache: OnnxCache | None) -> tuple[np.ndarray, OnnxCache]:
+        """Run the new ``tokens`` (1-D) after ``cache``; returns the last position's logits."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        cache = cache if cache is not None else self.new_cache()
+        n = ids.shape[1]
+        if n == 0:
+            raise GptsError("step: expected at least one token, found none")
+        self._check_ids(ids)
+        total = cache.length + n
+        if total > self.config.context_length:
+            raise GptsError(
+                f"sequence of {total} tokens is longer than the context "
+                f"(expected at most {self.config.context_length})"
+            )
+        feeds = {
+            ONNX_INPUT_IDS: ids,
+            ONNX_ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
+            ONNX_POSITION_IDS: np.arange(cache.length, total, dtype=np.int64)[None],
+        }
+        feeds.update(zip(self._past_names, cache.past, strict=True))
+        out = self.session.run(self._output_names, feeds)
+        return out[0][0, -1], OnnxCache(out[1:], total)
+
+    def forward_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Full-sequence logits (B, T, vocab) for scoring; left padding via ``attention_mask``."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise GptsError(f"input_ids: expected shape [batch, seq] with seq >= 1, found {list(ids.shape)}")
+        self._check_ids(ids)
+        if ids.shape[1] > self.config.context_length:
+            raise GptsError(
+                f"sequence of {ids.shape[1]} tokens is longer than the context "
+                f"(expected at most {self.config.context_length})"
+            )
+        if attention_mask is None:
+            mask = np.ones_like(ids)
+        else:
+            mask = np.asarray(attention_mask, dtype=np.int64)
+            if mask.shape != ids.shape:
+                raise GptsError(f"attention_mask: expected shape {list(ids.shape)}, found {list(mask.shape)}")
+        pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+        empty = np.zeros((ids.shape[0], self.config.num_kv_heads, 0, self.config.head_dim), dtype=np.float32)
+        feeds = {ONNX_INPUT_IDS: ids, ONNX_ATTENTION_MASK: mask, ONNX_POSITION_IDS: pos}
+        feeds.update(dict.fromkeys(self._past_names, empty))
+        return self.session.run([ONNX_LOGITS], feeds)[0]
+
+
+# --- opening models -------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpts-edge"
+
+
+def _checkpoint_hash(ckpt_dir: Path) -> str:
+    h = hashlib.sha256()
+    with open(ckpt_dir / WEIGHTS_FILE, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    # The sidecars travel into the export, so they are part of its identity.
+    for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE):
+        p = ckpt_dir / name
+        h.update(p.read_bytes() if p.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
+def cached_export(model: str | Path | None = None, *, quantize: str = "none") -> Path:
+    """The ONNX export of a checkpoint directory (None: the bundled one), made once per checkpoint
+    hash in the user's cache directory."""
+    from gpts_edge.checkpoint import resolve_model_dir
+
+    ckpt_dir = resolve_model_dir(model)
+    if not (ckpt_dir / WEIGHTS_FILE).is_file():
+        raise GptsError(f"{ckpt_dir}: expected a checkpoint ({WEIGHTS_FILE}) or an exported ONNX folder")
+    folder = cache_root() / f"onnx-{quantize}-{_checkpoint_hash(ckpt_dir)}"
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise GptsError(
+            f"no ONNX export of {ckpt_dir} yet and the onnx package is missing to make one: "
+            "pip install 'gpts-edge[export]', or pass --model with an exported ONNX folder"
+        ) from None
+    from gpts_edge.export.onnx import export_to_folder
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GptsError(f"{folder.parent}: cannot create the cache directory ({exc.strerror})") from None
+    return export_to_folder(ckpt_dir, folder, quantize=quantize, log=lambda _m: None)
+
+
+def open_onnx_runtime(model: str | Path | None = None, **kwargs: Any) -> OnnxRuntime:
+    """An exported folder or .onnx file; a checkpoint directory or None (the bundled model) is
+    exported once into the user cache first."""
+    if model is not None:
+        p = Path(model)
+        if p.is_file() or not (p / WEIGHTS_FILE).is_file():
+            return OnnxRuntime(p, **kwargs)
+    return OnnxRuntime(cached_export(model), **kwargs)
+
+
+class OnnxModel:
+    """Text in, text out over an exported folder: ``generate`` and the streaming ``stream``."""
+
+    def __init__(self, runtime: OnnxRuntime) -> None:
+        self.runtime = runtime
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runtime.config
+
+    def stream(
+        self,
+        prompt: str = "",
+        max_new_tokens: int | None = None,
+        *,
+        seed: int = 0,
+        greedy: bool = False,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are sampled (sampling options default to generation_config.json)."""
+        opts = sampling_options(
+            self.runtime.generation_config, greedy=greedy, max_new_tokens=max_new_tokens, **sampling
+        )
+        yield from generate_text(self.runtime, prompt, opts, seed=seed)
+
+    def generate(self, prompt: str = "", max_new_tokens: int | None = None, **kwargs: Any) -> str:
+        """The generated continuation of ``prompt`` (without the prompt)."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+
+def load(path: str | Path | None = None, threads: int | None = None) -> OnnxModel:
+    """Open an exported folder (or .onnx file, or checkpoint / None via the user cache)."""
+    return OnnxModel(open_onnx_runtime(path, threads=threads))
