@@ -159,6 +159,8 @@ def save_checkpoint(
     validate_weights(weights, cfg, "weights to save")
     if not out.parent.is_dir():
         raise GptsError(f"{out.parent}: output directory does not exist")
+    if not Path(tokenizer_json).is_file():
+        raise GptsError(f"{tokenizer_json}: file not found (expected the tokenizer.json to save with the weights)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         cfg.save(tmp / CONFIG_FILE)
