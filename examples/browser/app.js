@@ -1,0 +1,127 @@
+// Page wiring: load onnxruntime-web and the model from this server (no CDN), read the controls,
+// stream tokens into the output, show tokens/s. URL parameters: ?model=URL_OF_FOLDER/ and
+// ?threads=N (WASM threads; >1 needs the COOP/COEP headers that `gpts-edge web` sends).
+
+import * as ort from "./ort/ort.wasm.min.mjs";
+import { OnnxModel } from "./model.js";
+import { StreamDecoder } from "./tokenizer.js";
+import { checkOptions, optionsFromGenerationConfig } from "./sampler.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const modelUrl = new URL(params.get("model") ?? "model/", location.href).href;
+const threads = Number(params.get("threads") ?? 1);
+const FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens"];
+
+ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+ort.env.wasm.numThreads = threads;
+
+let model = null;
+let abort = null;
+
+function setStatus(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+function readOptions() {
+  const o = {};
+  for (const f of FIELDS) o[f] = Number($(f).value);
+  if ($("greedy").checked) o.temperature = 0;
+  o.stop_at_eos = true;
+  return checkOptions(o);
+}
+
+function showStats(stats, generated) {
+  const tps = stats.decodeSteps ? (1000 * stats.decodeSteps) / stats.decodeMs : 0;
+  $("stats").textContent =
+    `${generated} tokens · decode ${tps.toFixed(1)} tokens/s · prefill ${stats.promptTokens} tokens in ` +
+    `${stats.prefillMs.toFixed(0)} ms${stats.slid ? " · context full, window slid" : ""}`;
+}
+
+async function onGenerate(event) {
+  event.preventDefault();
+  if (!model || abort) return;
+  let opts;
+  try {
+    opts = readOptions();
+  } catch (err) {
+    setStatus(err.message, true);
+    return;
+  }
+  const prompt = $("prompt").value;
+  const ids = prompt ? model.tokenizer.encode(prompt) : [];
+  const out = $("output");
+  out.textContent = prompt;
+  const gen = document.createElement("span");
+  gen.className = "gen";
+  out.append(gen);
+  abort = new AbortController();
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  setStatus("generating…");
+  const stats = {};
+  const dec = new StreamDecoder(model.tokenizer);
+  let n = 0;
+  let lastPaint = 0;
+  try {
+    for await (const { token } of model.generate(ids, opts, { seed: Number($("seed").value), signal: abort.signal, stats })) {
+      n += 1;
+      if (token === 0) break;
+      gen.textContent += dec.push(token);
+      // Let the page paint between tokens so the text streams instead of appearing at the end.
+      if (performance.now() - lastPaint > 30) {
+        showStats(stats, n);
+        await new Promise((r) => setTimeout(r, 0));
+        lastPaint = performance.now();
+      }
+    }
+    showStats(stats, n);
+    setStatus(abort.signal.aborted ? "stopped" : "done");
+  } catch (err) {
+    setStatus(`error: ${err.message}`, true);
+  } finally {
+    abort = null;
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+async function main() {
+  setStatus(`loading ${modelUrl} …`);
+  model = await OnnxModel.load(ort, modelUrl);
+  const g = optionsFromGenerationConfig(model.generation);
+  for (const f of FIELDS) $(f).value = g[f];
+  $("greedy").checked = g.temperature === 0;
+  const isolated = globalThis.crossOriginIsolated ? "cross-origin isolated" : "not isolated";
+  setStatus(
+    `ready · ${model.config.num_hidden_layers} layers, vocabulary ${model.vocab}, context ${model.context} · ` +
+      `model.onnx ${(model.modelBytes / 1e6).toFixed(1)} MB · WASM, ${ort.env.wasm.numThreads} thread(s), ${isolated}`,
+  );
+  $("form").addEventListener("submit", onGenerate);
+  $("stop").addEventListener("click", () => abort?.abort());
+  $("generate").disabled = false;
+  return model;
+}
+
+// For tests and the console: the loaded model and its generation loop, driven without the UI.
+window.gpts = {
+  ready: main().catch((err) => {
+    setStatus(`error: ${err.message}`, true);
+    throw err;
+  }),
+  async greedy(prompt, maxNewTokens) {
+    const m = await window.gpts.ready;
+    const ids = prompt ? m.tokenizer.encode(prompt) : [];
+    const opts = { temperature: 0, top_k: 0, top_p: 1, repetition_penalty: 1, no_repeat_ngram_size: 0,
+      max_new_tokens: maxNewTokens, stop_at_eos: false };
+    const tokens = [];
+    let first = null;
+    const stats = {};
+    for await (const { token, logits } of m.generate(ids, opts, { stats })) {
+      first ??= Array.from(logits);
+      tokens.push(token);
+    }
+    return { promptIds: ids, tokens, firstLogits: first, stats };
+  },
+};

@@ -1,0 +1,142 @@
+// The model side of the page: load an exported ONNX folder with onnxruntime-web and run the
+// generation loop of gpts_edge/sampling.py `generate_tokens` (prefill in one call, then one call
+// per token, the same sliding window when the context fills up).
+
+import { ByteLevelBPE } from "./tokenizer.js";
+import { makeRng, sample } from "./sampler.js";
+
+const EOS_ID = 0;
+
+async function fetchChecked(url, what) {
+  let res;
+  try {
+    res = await fetch(url);
+  } catch (err) {
+    throw new Error(`${url}: cannot fetch ${what} (${err.message})`);
+  }
+  if (!res.ok) throw new Error(`${url}: cannot fetch ${what} (HTTP ${res.status})`);
+  return res;
+}
+
+async function fetchJson(url, what) {
+  const res = await fetchChecked(url, what);
+  try {
+    return await res.json();
+  } catch (err) {
+    throw new Error(`${url}: ${what} is not valid JSON (${err.message})`);
+  }
+}
+
+export class OnnxModel {
+  /**
+   * @param {object} ort the onnxruntime-web module
+   * @param {string} base URL of the model folder, ending in "/"
+   * @param {object} sessionOptions passed to InferenceSession.create
+   */
+  static async load(ort, base, sessionOptions = {}) {
+    const [config, tokJson, generation, bytes] = await Promise.all([
+      fetchJson(new URL("config.json", base), "config.json"),
+      fetchJson(new URL("tokenizer.json", base), "tokenizer.json"),
+      fetchJson(new URL("generation_config.json", base), "generation_config.json").catch(() => ({})),
+      fetchChecked(new URL("model.onnx", base), "model.onnx").then((r) => r.arrayBuffer()),
+    ]);
+    const session = await ort.InferenceSession.create(new Uint8Array(bytes), {
+      executionProviders: ["wasm"],
+      graphOptimizationLevel: "all",
+      ...sessionOptions,
+    });
+    return new OnnxModel(ort, session, config, new ByteLevelBPE(tokJson), generation, bytes.byteLength);
+  }
+
+  constructor(ort, session, config, tokenizer, generation, modelBytes) {
+    for (const key of ["num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"]) {
+      if (!Number.isInteger(config[key])) throw new Error(`config.json: field ${key}: expected an integer, found ${JSON.stringify(config[key])}`);
+    }
+    this.ort = ort;
+    this.session = session;
+    this.config = config;
+    this.tokenizer = tokenizer;
+    this.generation = generation;
+    this.modelBytes = modelBytes;
+    this.layers = config.num_hidden_layers;
+    this.kvHeads = config.num_key_value_heads;
+    this.headDim = config.head_dim;
+    this.vocab = config.vocab_size;
+    this.context = config.max_position_embeddings;
+    const missing = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"].filter(
+      (n) => !session.inputNames.includes(n),
+    );
+    if (missing.length) throw new Error(`model.onnx: missing input(s) ${missing.join(", ")} (found ${session.inputNames.join(", ")})`);
+  }
+
+  newCache() {
+    const empty = () => new this.ort.Tensor("float32", new Float32Array(0), [1, this.kvHeads, 0, this.headDim]);
+    return { length: 0, kv: Array.from({ length: 2 * this.layers }, empty) };
+  }
+
+  /**
+   * Feed the new token ids; returns the next-token logits (Float32Array) and the new cache.
+   * @param {number[]} tokens
+   */
+  async step(tokens, cache) {
+    const T = tokens.length;
+    const past = cache.length;
+    const i64 = (arr) => BigInt64Array.from(arr, (v) => BigInt(v));
+    const feeds = {
+      input_ids: new this.ort.Tensor("int64", i64(tokens), [1, T]),
+      attention_mask: new this.ort.Tensor("int64", new BigInt64Array(past + T).fill(1n), [1, past + T]),
+      position_ids: new this.ort.Tensor("int64", i64(tokens.map((_, i) => past + i)), [1, T]),
+    };
+    for (let i = 0; i < this.layers; i++) {
+      feeds[`past_key_values.${i}.key`] = cache.kv[2 * i];
+      feeds[`past_key_values.${i}.value`] = cache.kv[2 * i + 1];
+    }
+    const out = await this.session.run(feeds);
+    const kv = [];
+    for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
+    for (const t of cache.kv) t.dispose?.();
+    const logits = out.logits.data.slice((T - 1) * this.vocab, T * this.vocab);
+    out.logits.dispose?.();
+    return { logits, cache: { length: past + T, kv } };
+  }
+
+  /**
+   * Yield {token, logits} for each new token, like gpts_edge.sampling.generate_tokens.
+   * @param {number[]} promptIds
+   * @param {object} opts sampling options (see sampler.js)
+   * @param {object} [run] {seed, draw, signal, stats}: `stats` is filled with timings
+   */
+  async *generate(promptIds, opts, { seed = 0, draw = null, signal = null, stats = {} } = {}) {
+    let ids = promptIds.length ? [...promptIds] : [EOS_ID];
+    const bad = ids.find((t) => !(t >= 0 && t < this.vocab));
+    if (bad !== undefined) throw new Error(`token id ${bad} is outside the vocabulary (expected 0..${this.vocab - 1})`);
+    if (ids.length > this.context) ids = ids.slice(-this.context);
+    draw ??= makeRng(seed);
+    const history = [...ids];
+    Object.assign(stats, { promptTokens: ids.length, prefillMs: 0, decodeMs: 0, decodeSteps: 0, slid: false });
+    let t0 = performance.now();
+    let { logits, cache } = await this.step(ids, this.newCache());
+    stats.prefillMs = performance.now() - t0;
+    let filled = ids.length;
+    for (let n = 0; n < opts.max_new_tokens; n++) {
+      if (signal?.aborted) return;
+      const token = sample(logits, opts, history, draw());
+      yield { token, logits };
+      history.push(token);
+      if (opts.stop_at_eos !== false && token === EOS_ID) return;
+      t0 = performance.now();
+      if (filled + 1 > this.context) {
+        const keep = history.slice(-Math.floor((this.context * 3) / 4));
+        stats.slid = true;
+        for (const t of cache.kv) t.dispose?.();
+        ({ logits, cache } = await this.step(keep, this.newCache()));
+        filled = keep.length;
+      } else {
+        ({ logits, cache } = await this.step([token], cache));
+        filled += 1;
+        stats.decodeMs += performance.now() - t0;
+        stats.decodeSteps += 1;
+      }
+    }
+  }
+}

@@ -1,0 +1,215 @@
+"""`gpts-edge web`: serve the browser example, a model folder and onnxruntime-web, all locally.
+
+URL layout (the page in examples/browser/ expects it):
+  /               examples/browser/ (index.html, the JS modules)
+  /ort/           examples/browser/node_modules/onnxruntime-web/dist/
+  /model/         the exported ONNX folder: model.onnx, config.json, tokenizer.json,
+                  generation_config.json
+
+Every response carries the COOP/COEP headers that make the page cross-origin isolated, which
+WASM threads (SharedArrayBuffer) need. Nothing is fetched from the internet.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from gpts_edge.errors import GptsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BROWSER_DIR = REPO_ROOT / "examples" / "browser"
+ORT_SUBDIR = Path("node_modules") / "onnxruntime-web" / "dist"
+INSTALL_HINT = "npm ci --prefix examples/browser"
+MODEL_SIDECARS = ("config.json", "tokenizer.json", "generation_config.json")
+
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
+         ".json": "application/json", ".onnx": "application/octet-stream", ".css": "text/css",
+         ".html": "text/html; charset=utf-8", ".map": "application/json", ".png": "image/png"}
+
+
+def browser_dir(root: Path | None = None) -> Path:
+    """The page's folder with its npm dependencies installed, or a GptsError saying how to get there."""
+    page = Path(root) if root is not None else BROWSER_DIR
+    if not (page / "index.html").is_file():
+        raise GptsError(
+            f"{page}: the browser example is missing. `gpts-edge web` serves examples/browser/ from a "
+            "source checkout of gpts-edge (a wheel install does not include examples/): clone the "
+            f"repository, run `{INSTALL_HINT}` there, then `gpts-edge web`"
+        )
+    ort_dist = page / ORT_SUBDIR
+    if not (ort_dist / "ort.wasm.min.mjs").is_file():
+        raise GptsError(
+            f"{ort_dist}: onnxruntime-web is not installed; run `{INSTALL_HINT}` in the repository root "
+            "(needs Node.js and npm; installs the versions pinned in examples/browser/package-lock.json)"
+        )
+    return page
+
+
+def resolve_model(model: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """(model.onnx file, folder with its sidecar files) for an exported ONNX folder or .onnx file;
+    a checkpoint directory or None (the bundled model) is exported once into the user cache."""
+    from gpts_edge.checkpoint import WEIGHTS_FILE
+
+    p = Path(model) if model is not None else None
+    if p is not None and not p.exists():
+        raise GptsError(f"--model {p}: no such file or folder")
+    if p is None or (p.is_dir() and (p / WEIGHTS_FILE).is_file()):
+        from gpts_edge.runtimes.onnx import cached_export
+
+        log(f"using the cached ONNX export of {'the bundled model' if p is None else p}")
+        onnx_file = cached_export(p)
+    elif p.is_file():
+        if p.suffix != ".onnx":
+            raise GptsError(f"--model {p}: expected an exported ONNX folder, a .onnx file or a checkpoint folder")
+        onnx_file = p
+    else:
+        found = [p / "model.onnx"] if (p / "model.onnx").is_file() else sorted(p.glob("*.onnx"))
+        if len(found) != 1:
+            what = "no .onnx file" if not found else f"several .onnx files ({', '.join(f.name for f in found)})"
+            raise GptsError(f"--model {p}: {what} in this folder (expected model.onnx from "
+                            "`gpts-edge export --format onnx`)")
+        onnx_file = found[0]
+    folder = onnx_file.parent
+    missing = [name for name in MODEL_SIDECARS[:2] if not (folder / name).is_file()]
+    if missing:
+        raise GptsError(f"{folder}: missing {', '.join(missing)} beside {onnx_file.name} "
+                        "(export with `gpts-edge export --format onnx` to get them)")
+    return onnx_file, folder
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "gpts-edge-web"
+    routes: dict[str, Path]
+    model_files: dict[str, Path]
+    quiet = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        if not self.quiet:
+            super().log_message(format, *args)
+
+    def _target(self) -> Path | None:
+        path = unquote(urlsplit(self.path).path)
+        if path == "/":
+            path = "/index.html"
+        if path.startswith("/model/"):
+            return self.model_files.get(path.removeprefix("/model/"))
+        for prefix, root in self.routes.items():
+            if path.startswith(prefix):
+                candidate = (root / path.removeprefix(prefix)).resolve()
+                if not candidate.is_relative_to(root):  # a ../ escape
+                    return None
+                parts = candidate.relative_to(root).parts
+                # No dotfiles, and npm packages only through /ort/.
+                if any(part.startswith(".") for part in parts) or (prefix == "/" and parts[:1] == ("node_modules",)):
+                    return None
+                return candidate
+        return None
+
+    def _send(self, head_only: bool) -> None:
+        target = self._target()
+        if target is None or not target.is_file():
+            self.send_error(404, "not found")
+            return
+        data = target.read_bytes()
+        self.send_response(200)
+        ctype = TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        for key, value in ISOLATION_HEADERS.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head_only:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._send(head_only=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._send(head_only=True)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Error pages are resources too: without the headers COEP would mask the real status.
+        self._extra = ISOLATION_HEADERS
+        super().send_error(code, message, explain)
+
+    def end_headers(self) -> None:
+        extra = getattr(self, "_extra", None)
+        if extra:
+            for key, value in extra.items():
+                self.send_header(key, value)
+            self._extra = None
+        super().end_headers()
+
+
+class WebServer:
+    """The page server; ``start()`` runs it on a background thread (for tests), ``serve_forever()``
+    in the foreground (the CLI)."""
+
+    def __init__(self, model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+                 page_dir: Path | None = None, log: Callable[[str], None] = print, quiet: bool = True) -> None:
+        page = browser_dir(page_dir).resolve()
+        self.onnx_file, self.model_dir = resolve_model(model, log=log)
+        model_files = {"model.onnx": self.onnx_file.resolve()}
+        for name in MODEL_SIDECARS:
+            if (self.model_dir / name).is_file():
+                model_files[name] = (self.model_dir / name).resolve()
+        handler = type("Handler", (_Handler,), {
+            "routes": {"/ort/": (page / ORT_SUBDIR).resolve(), "/": page},
+            "model_files": model_files,
+            "quiet": quiet,
+        })
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise GptsError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> WebServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.httpd.server_close()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> WebServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          log: Callable[[str], None] = print) -> None:
+    """Serve until Ctrl-C."""
+    server = WebServer(model, host=host, port=port, log=log, quiet=False)
+    log(f"serving {server.onnx_file} and the browser example at {server.url} (Ctrl-C to stop)")
+    server.serve_forever()
