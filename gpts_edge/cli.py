@@ -322,6 +322,22 @@ def eval_(
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 
+@app.command()
+def web(
+    model: Annotated[str | None, typer.Option(help="Exported ONNX folder, .onnx file or checkpoint folder "
+                                                   "(default: the cached ONNX export of the bundled model).")] = None,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the browser example (onnxruntime-web, WASM) with a model, offline."""
+    from gpts_edge.web import serve
+
+    try:
+        serve(model, host=host, port=port, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],

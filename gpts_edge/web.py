@@ -32,9 +32,17 @@ ISOLATION_HEADERS = {
     "Cross-Origin-Embedder-Policy": "require-corp",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
-         ".json": "application/json", ".onnx": "application/octet-stream", ".css": "text/css",
-         ".html": "text/html; charset=utf-8", ".map": "application/json", ".png": "image/png"}
+TYPES = {
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+    ".onnx": "application/octet-stream",
+    ".css": "text/css",
+    ".html": "text/html; charset=utf-8",
+    ".map": "application/json",
+    ".png": "image/png",
+}
 
 
 def browser_dir(root: Path | None = None) -> Path:
@@ -70,20 +78,28 @@ def resolve_model(model: str | Path | None, log: Callable[[str], None] = print) 
         onnx_file = cached_export(p)
     elif p.is_file():
         if p.suffix != ".onnx":
-            raise GptsError(f"--model {p}: expected an exported ONNX folder, a .onnx file or a checkpoint folder")
+            raise GptsError(
+                f"--model {p}: expected an exported ONNX folder, a .onnx file or a checkpoint folder"
+            )
         onnx_file = p
     else:
         found = [p / "model.onnx"] if (p / "model.onnx").is_file() else sorted(p.glob("*.onnx"))
         if len(found) != 1:
-            what = "no .onnx file" if not found else f"several .onnx files ({', '.join(f.name for f in found)})"
-            raise GptsError(f"--model {p}: {what} in this folder (expected model.onnx from "
-                            "`gpts-edge export --format onnx`)")
+            what = (
+                "no .onnx file" if not found else f"several .onnx files ({', '.join(f.name for f in found)})"
+            )
+            raise GptsError(
+                f"--model {p}: {what} in this folder (expected model.onnx from "
+                "`gpts-edge export --format onnx`)"
+            )
         onnx_file = found[0]
     folder = onnx_file.parent
     missing = [name for name in MODEL_SIDECARS[:2] if not (folder / name).is_file()]
     if missing:
-        raise GptsError(f"{folder}: missing {', '.join(missing)} beside {onnx_file.name} "
-                        "(export with `gpts-edge export --format onnx` to get them)")
+        raise GptsError(
+            f"{folder}: missing {', '.join(missing)} beside {onnx_file.name} "
+            "(export with `gpts-edge export --format onnx` to get them)"
+        )
     return onnx_file, folder
 
 
@@ -110,7 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return None
                 parts = candidate.relative_to(root).parts
                 # No dotfiles, and npm packages only through /ort/.
-                if any(part.startswith(".") for part in parts) or (prefix == "/" and parts[:1] == ("node_modules",)):
+                if any(part.startswith(".") for part in parts) or (
+                    prefix == "/" and parts[:1] == ("node_modules",)
+                ):
                     return None
                 return candidate
         return None
@@ -156,23 +174,37 @@ class WebServer:
     """The page server; ``start()`` runs it on a background thread (for tests), ``serve_forever()``
     in the foreground (the CLI)."""
 
-    def __init__(self, model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                 page_dir: Path | None = None, log: Callable[[str], None] = print, quiet: bool = True) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        page_dir: Path | None = None,
+        log: Callable[[str], None] = print,
+        quiet: bool = True,
+    ) -> None:
         page = browser_dir(page_dir).resolve()
         self.onnx_file, self.model_dir = resolve_model(model, log=log)
         model_files = {"model.onnx": self.onnx_file.resolve()}
         for name in MODEL_SIDECARS:
             if (self.model_dir / name).is_file():
                 model_files[name] = (self.model_dir / name).resolve()
-        handler = type("Handler", (_Handler,), {
-            "routes": {"/ort/": (page / ORT_SUBDIR).resolve(), "/": page},
-            "model_files": model_files,
-            "quiet": quiet,
-        })
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {
+                "routes": {"/ort/": (page / ORT_SUBDIR).resolve(), "/": page},
+                "model_files": model_files,
+                "quiet": quiet,
+            },
+        )
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as exc:
-            raise GptsError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+            raise GptsError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
+            ) from None
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -207,8 +239,13 @@ class WebServer:
         self.close()
 
 
-def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          log: Callable[[str], None] = print) -> None:
+def serve(
+    model: str | Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log: Callable[[str], None] = print,
+) -> None:
     """Serve until Ctrl-C."""
     server = WebServer(model, host=host, port=port, log=log, quiet=False)
     log(f"serving {server.onnx_file} and the browser example at {server.url} (Ctrl-C to stop)")
