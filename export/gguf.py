@@ -1,0 +1,389 @@
+"""Checkpoint <-> GGUF (llama.cpp's format), and the GGUF parity report.
+
+``export_gguf`` writes one self-contained file with gguf-py's ``GGUFWriter``: hyper-parameters
+under ``<arch>.*``, tensors under llama.cpp's names (gpts_edge/names.py), the tokenizer as
+``tokenizer.ggml.*``. ``arch="gpts"`` (default) keeps q/k rows in the checkpoint's rotate-half
+layout and says ``gpts.attention.exclusive``; ``arch="llama"`` is only for plain-GQA checkpoints
+(llama.cpp ignores unknown keys, so an XSA model labelled ``llama`` would run wrong) and permutes
+q/k rows to GGML's interleaved RoPE layout, as llama.cpp's own converter does.
+
+Quantization (q8_0, q4_0) is per 32-wide block along a row; a matrix whose rows are not a
+multiple of 32 (GPT-S's ffn_down rows are 341 long) is stored as f16 and reported. 1-D norm
+weights stay f32, as llama.cpp expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gpts_edge.runtimes.gguf import (
+    TOKEN_TYPE_CONTROL,
+    TOKEN_TYPE_NORMAL,
+    TOKENIZER_MODEL,
+    TOKENIZER_PRE,
+    hparam_keys,
+    permute_qk,
+    read_gguf,
+)
+
+from gpts_edge.checkpoint import Checkpoint, load_checkpoint
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.names import gguf_name
+
+QUANTS = ("f32", "f16", "q8_0", "q4_0")
+ARCHES = ("gpts", "llama")
+BLOCK = 32
+LICENSE = "apache-2.0"
+
+# Bounds for the quantized parity checks, set from what the bundled GPT-S-1.4M measures with the
+# report's fixed prompt (max|diff| steps / batch, mean KL, top-1 over 40 positions):
+#   f16   0.0123 / 0.0232   8.9e-7   1.000
+#   q8_0  0.408  / 0.671    7.7e-4   1.000
+#   q4_0  5.50   / 10.65    0.207    0.825
+# with ~2-10x headroom on the continuous values and a few positions of slack on top-1.
+QUANT_BOUNDS: dict[str, dict[str, float]] = {
+    "f16": {"max_abs": 0.05, "kl": 1e-5, "top1": 0.975},
+    "q8_0": {"max_abs": 1.5, "kl": 3e-3, "top1": 0.95},
+    "q4_0": {"max_abs": 25.0, "kl": 0.5, "top1": 0.7},
+}
+F32_BOUND = 1e-4
+PARITY_PROMPT = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who "
+    "told stories to the children every evening."
+)
+PARITY_STEPS = 40
+
+
+@dataclass
+class GGUFPlan:
+    """Everything a GGUF file will hold, before writing (tests alter plans to make bad files)."""
+
+    arch: str
+    kv: list[tuple[str, Any, Any, Any]] = field(default_factory=list)  # key, value, type, sub_type
+    tensors: list[tuple[str, np.ndarray, Any]] = field(default_factory=list)  # name, data, raw ggml type
+    notes: list[str] = field(default_factory=list)
+
+
+def _tokenizer_fields(tokenizer_path: Path, cfg: ModelConfig) -> tuple[list[str], list[int], list[str]]:
+    """tokens, token types and merges from a tokenizer.json of the layout this project trains."""
+    try:
+        data = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GptsError(f"{tokenizer_path}: not readable JSON ({exc})") from None
+    model = data.get("model") or {}
+    pre = data.get("pre_tokenizer") or {}
+    problems = []
+    if model.get("type") != "BPE":
+        problems.append(f"model.type {model.get('type')!r} (expected 'BPE')")
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        problems.append("pre_tokenizer (expected ByteLevel, add_prefix_space false, use_regex true)")
+    if data.get("normalizer") is not None:
+        problems.append("a normalizer")
+    if data.get("post_processor") is not None:
+        problems.append("a post_processor")
+    for key in (
+        "byte_fallback",
+        "ignore_merges",
+        "continuing_subword_prefix",
+        "end_of_word_suffix",
+        "dropout",
+    ):
+        if model.get(key):
+            problems.append(f"model.{key}")
+    if problems:
+        raise GptsError(
+            f"{tokenizer_path}: cannot be written as tokenizer.ggml ({TOKENIZER_MODEL}): "
+            f"unsupported {', '.join(problems)}"
+        )
+    by_id: dict[int, str] = {i: t for t, i in model.get("vocab", {}).items()}
+    types = {i: TOKEN_TYPE_NORMAL for i in by_id}
+    for tok in data.get("added_tokens", []):
+        if not tok.get("special"):
+            raise GptsError(
+                f"{tokenizer_path}: added token {tok.get('content')!r} is not special; only special "
+                "(control) added tokens are supported"
+            )
+        by_id[tok["id"]] = tok["content"]
+        types[tok["id"]] = TOKEN_TYPE_CONTROL
+    if sorted(by_id) != list(range(cfg.vocab_size)):
+        raise GptsError(
+            f"{tokenizer_path}: token ids must be exactly 0..{cfg.vocab_size - 1} (config vocab_size), "
+            f"found {len(by_id)} ids"
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return [by_id[i] for i in range(cfg.vocab_size)], [types[i] for i in range(cfg.vocab_size)], merges
+
+
+def plan_gguf(ckpt: Checkpoint, quant: str = "f32", arch: str = "gpts") -> GGUFPlan:
+    import gguf
+
+    if quant not in QUANTS:
+        raise GptsError(f"--quant: unknown GGUF quantization {quant!r}; choose from {', '.join(QUANTS)}")
+    if arch not in ARCHES:
+        raise GptsError(f"--arch: unknown GGUF architecture {arch!r}; choose from {', '.join(ARCHES)}")
+    cfg = ckpt.config
+    if arch == "llama" and cfg.exclusive_attention:
+        raise GptsError(
+            f"{ckpt.path}: --arch llama refused: this checkpoint uses exclusive attention (XSA, "
+            "exclusive_attention: true), which llama.cpp's llama architecture does not implement, so "
+            "the file would run wrong; export with --arch gpts"
+        )
+    T = gguf.GGUFValueType
+    Q = gguf.GGMLQuantizationType
+    plan = GGUFPlan(arch)
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[quant]
+    name = "GPT-S-1.4M" if ckpt.path.name == "default_model" else ckpt.path.name
+    plan.kv += [
+        ("general.type", "model", T.STRING, None),
+        ("general.name", name, T.STRING, None),
+        ("general.license", LICENSE, T.STRING, None),
+        ("general.file_type", int(file_type), T.UINT32, None),
+        ("general.quantization_version", gguf.GGML_QUANT_VERSION, T.UINT32, None),
+    ]
+    keys = hparam_keys(arch)
+    for fname, key in keys.items():
+        value = getattr(cfg, fname)
+        plan.kv.append(
+            (key, float(value), T.FLOAT32, None)
+            if isinstance(value, float)
+            else (key, int(value), T.UINT32, None)
+        )
+    plan.kv.append((f"{arch}.attention.value_length", cfg.head_dim, T.UINT32, None))
+    plan.kv.append((f"{arch}.rope.dimension_count", cfg.head_dim, T.UINT32, None))
+    if arch == "gpts":
+        plan.kv.append(("gpts.attention.exclusive", bool(cfg.exclusive_attention), T.BOOL, None))
+    tokens, types, merges = _tokenizer_fields(ckpt.tokenizer_path, cfg)
+    plan.kv += [
+        ("tokenizer.ggml.model", TOKENIZER_MODEL, T.STRING, None),
+        ("tokenizer.ggml.pre", TOKENIZER_PRE, T.STRING, None),
+        ("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING),
+        ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
+        ("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING),
+        ("tokenizer.ggml.bos_token_id", cfg.bos_token_id, T.UINT32, None),
+        ("tokenizer.ggml.eos_token_id", cfg.eos_token_id, T.UINT32, None),
+        # The model is trained without a BOS prefix: llama.cpp must not add one.
+        ("tokenizer.ggml.add_bos_token", False, T.BOOL, None),
+    ]
+    g = ckpt.generation
+    plan.kv += [
+        (
+            "general.sampling.temp",
+            float(g.get("temperature", 0.8)) if g.get("do_sample", True) else 0.0,
+            T.FLOAT32,
+            None,
+        ),
+        ("general.sampling.top_k", int(g.get("top_k", 0) or 0), T.INT32, None),
+        ("general.sampling.top_p", float(g.get("top_p", 1.0)), T.FLOAT32, None),
+        ("general.sampling.penalty_repeat", float(g.get("repetition_penalty", 1.0)), T.FLOAT32, None),
+    ]
+    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    f16_fallback = []
+    for ck_name, w in ckpt.weights.items():
+        gname = gguf_name(ck_name)  # a name missing from the table raises, never skipped
+        w = np.asarray(w, dtype=np.float32)
+        if arch == "llama" and ck_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_qk(w, cfg.num_heads if "q_proj" in ck_name else cfg.num_kv_heads)
+        if w.ndim == 1 or qtype == Q.F32:
+            plan.tensors.append((gname, np.ascontiguousarray(w), Q.F32))
+        elif qtype == Q.F16:
+            plan.tensors.append((gname, w.astype(np.float16), Q.F16))
+        elif w.shape[-1] % BLOCK:
+            f16_fallback.append(f"{gname} (rows of {w.shape[-1]})")
+            plan.tensors.append((gname, w.astype(np.float16), Q.F16))
+        else:
+            plan.tensors.append((gname, gguf.quants.quantize(w, qtype), qtype))
+    if f16_fallback:
+        plan.notes.append(
+            f"{quant}: rows not a multiple of {BLOCK}, stored as f16: {', '.join(f16_fallback)}"
+        )
+    return plan
+
+
+def write_plan(plan: GGUFPlan, output: str | Path) -> Path:
+    """Write atomically: a temp file in the output's directory, then rename over ``output``."""
+    import gguf
+
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise GptsError(f"{output.parent}: output directory does not exist")
+    if output.is_dir():
+        raise GptsError(f"{output}: is a directory (expected a .gguf file path)")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, plan.arch)
+        for key, value, vtype, sub in plan.kv:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for name, data, qtype in plan.tensors:
+            writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def export_gguf(
+    model: str | Path | None,
+    output: str | Path,
+    *,
+    quant: str = "f32",
+    arch: str = "gpts",
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export a checkpoint directory (None: the bundled model) to one GGUF file."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GptsError("GGUF export needs the 'gguf' package (pip install 'gpts-edge[export]')") from None
+    ckpt = load_checkpoint(model)
+    plan = plan_gguf(ckpt, quant, arch)
+    for note in plan.notes:
+        log(note)
+    out = write_plan(plan, output)
+    log(f"wrote {out} ({out.stat().st_size:,} bytes, arch {arch}, {quant})")
+    return out
+
+
+def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], None] | None = None) -> Path:
+    """A GGUF file -> checkpoint directory (fp32; quantized tensors are dequantized)."""
+    from gpts_edge.checkpoint import save_checkpoint
+
+    m = read_gguf(source)
+    lossy = sorted({t for t in m.tensor_types.values() if t != "F32"})
+    if lossy and log:
+        log(
+            f"{source}: tensors stored as {', '.join(lossy)} are dequantized to f32 (not the original weights)"
+        )
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise GptsError(f"{output.parent}: output directory does not exist")
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tok-") as d:
+        tok = Path(d) / "tokenizer.json"
+        tok.write_text(m.tokenizer_json + "\n", encoding="utf-8")
+        return save_checkpoint(output, m.config, m.weights, tok, m.generation)
+
+
+# --- parity --------------------------------------------------------------------------------------
+
+
+def _softmax64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _row(check: str, value: float, bound: str, ok: bool) -> dict[str, Any]:
+    return {"check": check, "value": float(f"{value:.6g}"), "bound": bound, "ok": bool(ok)}
+
+
+def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, Any]:
+    """Export to a temporary GGUF, then compare the numpy GGUF runtime with the PyTorch model.
+
+    Teacher-forced on PyTorch's greedy continuation of a fixed prompt: one prefill plus
+    ``PARITY_STEPS`` cached single-token steps, and a left-padded batch through forward_logits.
+    """
+    import torch
+    from gpts_edge.runtimes.gguf import GGUFRuntime
+
+    from gpts_edge.model import GPTS, weights_to_state
+    from gpts_edge.tokenizer import load_tokenizer
+
+    if quant not in QUANTS:
+        raise GptsError(f"--quant: unknown GGUF quantization {quant!r}; choose from {', '.join(QUANTS)}")
+    ckpt = load_checkpoint(model)
+    cfg = ckpt.config
+    net = GPTS(cfg)
+    net.load_state_dict(weights_to_state(ckpt.weights))
+    net.eval()
+    tok = load_tokenizer(ckpt.tokenizer_path, cfg.vocab_size)
+    prompt = tok.encode(PARITY_PROMPT).ids[: max(1, cfg.context_length - PARITY_STEPS - 1)]
+    steps = min(PARITY_STEPS, cfg.context_length - len(prompt))
+    with torch.inference_mode():
+        seq, cache = list(prompt), None
+        logits, cache = net(torch.tensor([prompt]), None)
+        for _ in range(steps):
+            nxt = int(logits[0, -1].argmax())
+            seq.append(nxt)
+            logits, cache = net(torch.tensor([[nxt]]), cache)
+        ref = net(torch.tensor([seq]))[0][0].numpy()  # (len(seq), V)
+    with tempfile.TemporaryDirectory(prefix="gpts-gguf-parity-") as d:
+        path = export_gguf(model, Path(d) / f"model-{quant}.gguf", quant=quant, log=lambda m: None)
+        size = path.stat().st_size
+        rt = GGUFRuntime(path)
+    P = len(prompt)
+    got = []
+    last, cache = rt.step(np.array(prompt), None)
+    got.append(last)
+    for t in seq[P : P + steps - 1]:
+        last, cache = rt.step(np.array([t]), cache)
+        got.append(last)
+    got_arr = np.stack(got)
+    want = ref[P - 1 : P - 1 + len(got)]
+    diff = float(np.abs(got_arr - want).max())
+    # Left-padded batch: a shorter row padded on the left must score like it does alone.
+    short = seq[: max(1, P // 2)]
+    ids = np.zeros((2, len(seq)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    ids[0], mask[0] = seq, 1
+    ids[1, len(seq) - len(short) :], mask[1, len(seq) - len(short) :] = short, 1
+    with torch.inference_mode():
+        pos = (torch.from_numpy(mask).cumsum(-1) - 1).clamp_min(0)
+        ref_b = net(torch.from_numpy(ids), None, position_ids=pos, attention_mask=torch.from_numpy(mask))[
+            0
+        ].numpy()
+    got_b = rt.forward_logits(ids, mask)
+    diff_b = float(np.abs(got_b - ref_b)[mask.astype(bool)].max())
+    p, q = _softmax64(want), _softmax64(got_arr)
+    kl = float(np.mean(np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300)), axis=-1)))
+    top1 = float(np.mean(want.argmax(-1) == got_arr.argmax(-1)))
+    n = len(got)
+    rows = [_row(f"file size bytes ({quant})", size, "-", True)]
+    if quant == "f32":
+        rows += [
+            _row(f"max|diff| prefill + {n - 1} cached steps", diff, f"<= {F32_BOUND:g}", diff <= F32_BOUND),
+            _row("max|diff| left-padded batch", diff_b, f"<= {F32_BOUND:g}", diff_b <= F32_BOUND),
+            _row("greedy top-1 agreement", top1, "== 1", top1 == 1.0),
+        ]
+    else:
+        b = QUANT_BOUNDS[quant]
+        rows += [
+            _row(
+                f"max|diff| prefill + {n - 1} cached steps",
+                diff,
+                f"<= {b['max_abs']:g}",
+                diff <= b["max_abs"],
+            ),
+            _row("max|diff| left-padded batch", diff_b, f"<= {b['max_abs']:g}", diff_b <= b["max_abs"]),
+            _row("mean KL(torch || gguf) nats", kl, f"<= {b['kl']:g}", kl <= b["kl"]),
+            _row("top-1 agreement", top1, f">= {b['top1']:g}", top1 >= b["top1"]),
+        ]
+    return {
+        "format": "gguf",
+        "quant": quant,
+        "ok": all(r["ok"] for r in rows),
+        "rows": rows,
+        "positions": n,
+        "file_bytes": size,
+    }
