@@ -442,7 +442,7 @@ def summarize(scores: Sequence[ItemScore]) -> dict[str, Any]:
 
 class Progress:
     """``task: done/total items, items/s`` on stderr: redrawn in place on a terminal, a line
-    every ~10% otherwise (logs stay readable)."""
+    every 10% or 30 s otherwise (logs stay readable)."""
 
     def __init__(self, task: str, stream: Any = None) -> None:
         self.task, self.stream = task, stream or sys.stderr
@@ -459,8 +459,8 @@ class Progress:
                 self.stream.write("\r" + msg + ("\n" if done == total else ""))
                 self.stream.flush()
                 self.last_draw = now
-        elif (decile := 10 * done // total) != self.last_decile:
-            self.last_decile = decile
+        elif (decile := 10 * done // total) != self.last_decile or now - self.last_draw > 30:
+            self.last_decile, self.last_draw = decile, now
             self.stream.write(msg + "\n")
             self.stream.flush()
 
