@@ -93,6 +93,9 @@ async function main() {
   const g = optionsFromGenerationConfig(model.generation);
   for (const f of FIELDS) $(f).value = g[f];
   $("greedy").checked = g.temperature === 0;
+  const syncGreedy = () => ($("temperature").disabled = $("greedy").checked);
+  $("greedy").addEventListener("change", syncGreedy);
+  syncGreedy();
   const isolated = globalThis.crossOriginIsolated ? "cross-origin isolated" : "not isolated";
   setStatus(
     `ready · ${model.config.num_hidden_layers} layers, vocabulary ${model.vocab}, context ${model.context} · ` +

@@ -1,0 +1,159 @@
+"""The browser example in a real headless Chromium: the page's tokens and logits equal the Python
+ONNX runtime's, and a user can type a prompt, press Generate and watch text stream in.
+
+Needs Debian's chromium at /usr/bin/chromium, Playwright for Python (`pip install playwright`;
+its own browser download is not used) and `npm ci --prefix examples/browser`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpts_edge.sampling import SamplingOptions, generate_tokens
+from gpts_edge.web import BROWSER_DIR, ORT_SUBDIR, WebServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+if not (BROWSER_DIR / ORT_SUBDIR / "ort.wasm.min.mjs").is_file():
+    pytest.skip(
+        "examples/browser/node_modules missing (npm ci --prefix examples/browser)", allow_module_level=True
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="Playwright for Python missing (pip install playwright)"
+)
+onnx_runtime = pytest.importorskip("gpts_edge.runtimes.onnx")
+export_mod = pytest.importorskip("gpts_edge.export.onnx")
+
+PROMPT = "Once upon a time, a little fox"
+LOGITS_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _export(model: Path | None, out: Path) -> Path:
+    out.mkdir(parents=True)
+    export_mod.export_onnx(model, out / "model.onnx", log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("web") / "tiny-onnx")
+
+
+@pytest.fixture(scope="module")
+def bundled_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(None, tmp_path_factory.mktemp("web") / "bundled-onnx")
+
+
+def _open_page(browser: object, url: str) -> object:
+    page = browser.new_page(viewport={"width": 1000, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("window.gpts !== undefined")
+    try:
+        page.evaluate("window.gpts.ready.then(() => true)")
+    except Exception as exc:
+        raise AssertionError(f"page failed to load the model: {page.inner_text('#status')} {errors}") from exc
+    return page
+
+
+def _python_greedy(folder: Path, prompt: str, n: int) -> tuple[list[int], list[int], np.ndarray]:
+    rt = onnx_runtime.OnnxRuntime(folder)
+    ids = rt.tokenizer.encode(prompt).ids
+    first, _ = rt.step(np.asarray(ids, dtype=np.int64), rt.new_cache())
+    opts = SamplingOptions(
+        temperature=0.0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=n,
+        stop_at_eos=False,
+    )
+    tokens = list(
+        generate_tokens(
+            rt.step,
+            rt.new_cache,
+            ids,
+            opts,
+            context_length=rt.config.context_length,
+            vocab_size=rt.config.vocab_size,
+        )
+    )
+    return ids, tokens, first
+
+
+@pytest.mark.parametrize("which", ["tiny", "bundled"])
+def test_page_greedy_tokens_and_first_logits_equal_python_onnx_runtime(
+    which: str, browser: object, request: pytest.FixtureRequest
+) -> None:
+    folder = request.getfixturevalue(f"{which}_onnx")
+    # The tiny model's context is 64 tokens, so 90 new tokens also cross the sliding window.
+    n = 90 if which == "tiny" else 60
+    ids, expected, first = _python_greedy(folder, PROMPT, n)
+    with WebServer(folder, port=0, log=lambda _m: None) as server:
+        page = _open_page(browser, server.url)
+        got = page.evaluate("([p, n]) => window.gpts.greedy(p, n)", [PROMPT, n])
+        page.close()
+    assert got["promptIds"] == ids
+    assert got["tokens"] == expected
+    diff = np.abs(np.asarray(got["firstLogits"], dtype=np.float64) - first.astype(np.float64)).max()
+    assert diff <= LOGITS_TOL, f"first-step logits differ by {diff:.3g} (bound {LOGITS_TOL})"
+    if which == "tiny":
+        assert got["stats"]["slid"], "90 tokens after the prompt must slide the 64-token window"
+
+
+def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
+    browser: object, bundled_onnx: Path, tmp_path: Path
+) -> None:
+    from gpts_edge.generation import generate_text, sampling_options
+
+    prompt = "The little robot opened the door and"
+    max_new = 48
+    rt = onnx_runtime.OnnxRuntime(bundled_onnx)
+    # Greedy with the page's other defaults (from generation_config.json: repetition penalty,
+    # no-repeat-ngram) so the text does not depend on either side's random numbers.
+    opts = sampling_options(rt.generation_config, greedy=True, max_new_tokens=max_new)
+    expected = "".join(generate_text(rt, prompt, opts))
+    with WebServer(bundled_onnx, port=0, log=lambda _m: None) as server:
+        page = _open_page(browser, server.url)
+        page.fill("#prompt", "")
+        page.type("#prompt", prompt)
+        page.check("#greedy")
+        page.fill("#max_new_tokens", str(max_new))
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60_000)
+        output = page.inner_text("#output")
+        stats = page.inner_text("#stats")
+        shot = tmp_path / "browser.png"
+        page.screenshot(path=str(shot), full_page=True)
+        page.close()
+    assert output == prompt + expected
+    assert "tokens/s" in stats and float(stats.split("decode ")[1].split(" ")[0]) > 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # For the README: GPTS_EDGE_SCREENSHOT=docs/browser.png keeps the picture.
+    if os.environ.get("GPTS_EDGE_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["GPTS_EDGE_SCREENSHOT"])
