@@ -262,10 +262,13 @@ class Trainer:
     def save(self) -> None:
         from safetensors.torch import save_file
 
-        samplers = [self.sampler.state()]
+        # The sampler state from before the prefetched (not yet trained on) batch was drawn:
+        # resuming from sampler.state() itself would skip that batch.
+        resume_state = getattr(self, "_sampler_state_before_prefetch", None) or self.sampler.state()
+        samplers = [resume_state]
         if self.world > 1:
             samplers = [None] * self.world
-            torch.distributed.all_gather_object(samplers, self.sampler.state())
+            torch.distributed.all_gather_object(samplers, resume_state)
         if self.rank != 0:
             return
         root = self.out / "checkpoints"
@@ -273,6 +276,8 @@ class Trainer:
         final = root / f"step-{self.step:07d}"
         if final.exists():
             return
+        for stale in root.glob(".tmp-*"):  # left by a run that was killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
             weights = state_to_weights(self.model)
@@ -298,7 +303,8 @@ class Trainer:
             raise
         # The top level mirrors the newest snapshot; each file is replaced atomically and only
         # model.safetensors changes during a run, so the top level is always a whole checkpoint.
-        for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE, WEIGHTS_FILE):
+        # config.json goes last: until it exists the top level is not a checkpoint at all.
+        for name in (TOKENIZER_FILE, GENERATION_FILE, WEIGHTS_FILE, CONFIG_FILE):
             tmpf = self.out / f".{name}.tmp"
             shutil.copyfile(final / name, tmpf)
             os.replace(tmpf, self.out / name)
@@ -322,6 +328,7 @@ class Trainer:
         return sum(losses) / len(self.val)
 
     def _next_batch(self) -> torch.Tensor:
+        self._sampler_state_before_prefetch = self.sampler.state()
         b = torch.from_numpy(self.sampler.batch(self.tc.batch_size))
         if self.device.type == "cuda":
             return b.pin_memory().to(self.device, non_blocking=True)
