@@ -1,0 +1,175 @@
+"""ORT-format export for mobile: ``model.ort`` + ``required_operators.config`` in a self-contained folder.
+
+The ORT format is onnxruntime's flatbuffer serialization of an already optimized graph; the
+mobile packages (onnxruntime-android, onnxruntime-objc/-c) load it without the protobuf parser and
+the graph optimizers, and ``required_operators.config`` lists exactly the kernels the model uses,
+which is the input to onnxruntime's reduced-size build (``build.sh --include_ops_by_config``).
+
+Pipeline: the ONNX exporter writes ``model.onnx`` into a scratch folder, onnxruntime's own
+converter (``onnxruntime.tools.convert_onnx_models_to_ort``) turns it into ``model.ort``, and the
+result (plus config.json, tokenizer.json, generation_config.json) replaces the output folder in
+one rename, so a reader never sees a half-written export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gpts_edge.errors import GptsError
+
+ORT_FILE = "model.ort"
+OPS_CONFIG_FILE = "required_operators.config"
+# Files copied from the ONNX export so the folder runs on its own (the genai config names
+# model.onnx, which this folder does not have, so it stays behind).
+SIDECARS = ("config.json", "tokenizer.json", "generation_config.json")
+# Mobile and Raspberry Pi targets are ARM; "arm" keeps the converter from baking x86-only
+# layouts (NCHWc) into the fixed-optimization graph. The result still runs on x86.
+DEFAULT_TARGET = "arm"
+
+
+def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable[[str], None]) -> None:
+    """Run onnxruntime's converter with the Fixed optimization style (what a plain CPU session on a
+    phone wants); its chatty stdout goes to ``log`` line by line."""
+    try:
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    except ImportError as exc:
+        raise GptsError(f"ORT export needs onnxruntime with its tools package ({exc})") from None
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            convert_onnx_models_to_ort(
+                onnx_path,
+                output_dir=out_dir,
+                optimization_styles=[OptimizationStyle.Fixed],
+                target_platform=target_platform,
+            )
+    except Exception as exc:  # the converter raises bare Exceptions and onnxruntime's private types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GptsError(
+            f"{onnx_path}: onnxruntime could not convert it to ORT format ({first[:200]})"
+        ) from None
+    finally:
+        for line in buf.getvalue().splitlines():
+            if line.strip():
+                log(f"  ort: {line.strip()}")
+    # The converter reports failures by printing and skipping the model, so check the outputs.
+    if not (out_dir / ORT_FILE).is_file():
+        raise GptsError(f"{onnx_path}: onnxruntime's converter wrote no {ORT_FILE} (see the log above)")
+
+
+def _find_ops_config(out_dir: Path) -> Path:
+    # The converter names it after the input (model.required_operators.config) and, in older
+    # releases, after the folder; accept whichever single one it wrote.
+    found = sorted(out_dir.glob("*required_operators*.config"))
+    if len(found) != 1:
+        raise GptsError(
+            f"{out_dir}: expected one required_operators config from onnxruntime's converter, "
+            f"found {len(found)}"
+        )
+    return found[0]
+
+
+def _write_ops_config(src: Path, dst: Path) -> None:
+    # The converter's header names the scratch path it read; name the shipped file instead.
+    body = [line for line in src.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    header = [
+        f"# Generated from {ORT_FILE} by gpts-edge export --format ort (onnxruntime's converter).",
+        "# Reduced build: ./build.sh --minimal_build --include_ops_by_config required_operators.config",
+    ]
+    dst.write_text("\n".join(header + body) + "\n")
+
+
+def _prepare_output(output: str | Path) -> Path:
+    out = Path(output)
+    if out.suffix == ".ort":
+        raise GptsError(
+            f"{out}: --format ort writes a folder (model.ort + sidecar files); pass a folder path"
+        )
+    if out.exists() and not out.is_dir():
+        raise GptsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / ORT_FILE).is_file():
+        raise GptsError(f"{out}: folder is not empty and holds no {ORT_FILE}; refusing to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise GptsError(f"{parent}: output directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GptsError(f"{parent}: output directory is not writable")
+    return out
+
+
+def export_ort(
+    model: str | Path | None,
+    output_dir: str | Path,
+    *,
+    quantize: str = "none",
+    target_platform: str = DEFAULT_TARGET,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export ``model`` (a checkpoint folder; None: the bundled one) to ``output_dir``/model.ort.
+
+    ``quantize`` is passed to the ONNX exporter (none | int8 | int4). Returns the .ort path.
+    """
+    from gpts_edge.export.onnx import MODEL_FILE, export_onnx
+
+    if target_platform not in ("arm", "amd64"):
+        raise GptsError(f"target_platform: expected arm or amd64, found {target_platform!r}")
+    out = _prepare_output(output_dir)
+    parent = out.resolve().parent
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        onnx_dir = scratch / "onnx"
+        ort_dir = scratch / "ort"
+        onnx_dir.mkdir()
+        ort_dir.mkdir()
+        log("[ort 1/3] exporting ONNX")
+        onnx_path = export_onnx(model, onnx_dir / MODEL_FILE, quantize=quantize, log=log)
+        log(f"[ort 2/3] converting to ORT format (optimized for {target_platform})")
+        _convert(onnx_path, ort_dir, target_platform, log)
+        final = scratch / "final"
+        final.mkdir()
+        os.replace(ort_dir / ORT_FILE, final / ORT_FILE)
+        _write_ops_config(_find_ops_config(ort_dir), final / OPS_CONFIG_FILE)
+        for name in SIDECARS:
+            shutil.copyfile(onnx_dir / name, final / name)
+        for f in final.iterdir():
+            f.chmod(0o644)  # mkstemp files are private; an app bundle needs them readable
+        final.chmod(0o755)
+        size = (final / ORT_FILE).stat().st_size
+        log(f"[ort 3/3] writing {out} ({ORT_FILE}: {size:,} bytes)")
+        # Swap in the new folder: the old one (if any) moves aside first, so `out` is only ever
+        # absent between two renames, never half-written.
+        old = None
+        if out.exists():
+            old = scratch / "old"
+            os.replace(out, old)
+        os.replace(final, out)
+    except OSError as exc:
+        raise GptsError(f"{out}: cannot write the ORT export ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out / ORT_FILE
+
+
+def required_operators(folder: str | Path) -> list[tuple[str, int, str]]:
+    """(domain, opset, op) for every kernel listed in ``folder``/required_operators.config."""
+    path = Path(folder) / OPS_CONFIG_FILE
+    if not path.is_file():
+        raise GptsError(f"{path}: no such file (export with `gpts-edge export --format ort`)")
+    ops = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # "ai.onnx;23;Attention,MatMul,..." (type-reduced configs append {...} per op)
+        try:
+            domain, opset, names = line.split(";", 2)
+            ops += [(domain, int(opset), n.split("{")[0].strip()) for n in names.split(",") if n.strip()]
+        except ValueError:
+            raise GptsError(f"{path}: line {line[:60]!r}: expected 'domain;opset;Op1,Op2'") from None
+    return ops
