@@ -265,13 +265,15 @@ class GPTSForCausalLM(GPTSPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
-        hidden = out.last_hidden_state
+        # The head runs on every position and logits_to_keep slices afterwards: a matmul over a
+        # different number of rows rounds differently, and computing it like gpts_edge/model.py
+        # keeps prefill logits bit-identical to the reference (the cost is negligible here).
+        logits = self.lm_head(out.last_hidden_state)
         if isinstance(logits_to_keep, int):
             # 0 keeps everything: slice(-0, None) is the whole sequence.
-            hidden = hidden[:, slice(-logits_to_keep, None)]
+            logits = logits[:, slice(-logits_to_keep, None)]
         else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+            logits = logits[:, logits_to_keep]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
