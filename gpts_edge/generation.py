@@ -86,3 +86,6 @@ def generate_text(
         piece = dec.push(tok)
         if piece:
             yield piece
+    rest = dec.flush()
+    if rest:
+        yield rest

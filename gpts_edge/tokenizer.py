@@ -89,6 +89,13 @@ class StreamDecoder:
         piece, self.emitted = text[len(self.emitted) :], text
         return piece
 
+    def flush(self) -> str:
+        """What is still held back at the end of the stream (a real trailing U+FFFD, or the
+        replacement for bytes that never completed a character)."""
+        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
 
 def iter_texts(paths: Iterable[Path]) -> Iterator[str]:
     from gpts_edge.textdata import iter_documents
