@@ -190,7 +190,7 @@ def scan_gguf(path: Path) -> None:
         # A key/value record is at least 13 bytes, a tensor record at least 24.
         if n_kv * 13 > size or n_tensors * 24 > size:
             raise GptsError(
-                f"{path}: corrupt header: {n_kv} keys and {n_tensors} tensors cannot fit in {size} bytes"
+                f"{path}: truncated or corrupt GGUF header: {n_kv} keys and {n_tensors} tensors cannot fit in {size} bytes"
             )
         alignment = 32
         seen: set[str] = set()
