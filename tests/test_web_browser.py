@@ -68,9 +68,11 @@ def bundled_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(None, tmp_path_factory.mktemp("web") / "bundled-onnx")
 
 
-def _open_page(browser: object, url: str) -> object:
+def _open_page(browser: object, url: str, requested: list[str] | None = None) -> object:
     page = browser.new_page(viewport={"width": 1000, "height": 760})
     errors: list[str] = []
+    if requested is not None:
+        page.on("request", lambda r: requested.append(r.url))
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     page.wait_for_function("window.gpts !== undefined")
@@ -139,7 +141,8 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
     opts = sampling_options(rt.generation_config, greedy=True, max_new_tokens=max_new)
     expected = "".join(generate_text(rt, prompt, opts))
     with WebServer(bundled_onnx, port=0, log=lambda _m: None) as server:
-        page = _open_page(browser, server.url)
+        requested: list[str] = []
+        page = _open_page(browser, server.url, requested)
         page.fill("#prompt", "")
         page.type("#prompt", prompt)
         page.check("#greedy")
@@ -152,6 +155,11 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
         page.screenshot(path=str(shot), full_page=True)
         page.close()
     assert output == prompt + expected
+    # Offline: every request of the page went to the local server (no CDN).
+    assert requested and all(u.startswith(server.url) for u in requested), requested
+    assert any(u.endswith(".wasm") for u in requested) and any(
+        u.endswith("/model/model.onnx") for u in requested
+    )
     assert "tokens/s" in stats and float(stats.split("decode ")[1].split(" ")[0]) > 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # For the README: GPTS_EDGE_SCREENSHOT=docs/browser.png keeps the picture.
