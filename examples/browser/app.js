@@ -76,6 +76,7 @@ async function onGenerate(event) {
         lastPaint = performance.now();
       }
     }
+    gen.textContent += dec.flush();
     showStats(stats, n);
     setStatus(abort.signal.aborted ? "stopped" : "done");
   } catch (err) {

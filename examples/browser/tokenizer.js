@@ -169,6 +169,14 @@ export class StreamDecoder {
     this.emitted = text;
     return piece;
   }
+
+  /** What is still held back at the end (a real trailing U+FFFD, or an unfinished character). */
+  flush() {
+    const text = this.tok.decode(this.ids);
+    const piece = text.slice(this.emitted.length);
+    this.emitted = text;
+    return piece;
+  }
 }
 
 function escapeRegExp(s) {

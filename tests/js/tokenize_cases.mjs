@@ -8,7 +8,7 @@ const req = JSON.parse(readFileSync(0, "utf8"));
 const tok = new ByteLevelBPE(JSON.parse(readFileSync(req.tokenizer, "utf8")));
 const streamed = (ids) => {
   const dec = new StreamDecoder(tok);
-  return ids.map((id) => dec.push(id));
+  return [...ids.map((id) => dec.push(id)), dec.flush()];
 };
 process.stdout.write(
   JSON.stringify({
