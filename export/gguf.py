@@ -295,7 +295,8 @@ def _softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def _row(check: str, value: float, bound: str, ok: bool) -> dict[str, Any]:
-    return {"check": check, "value": float(f"{value:.6g}"), "bound": bound, "ok": bool(ok)}
+    shown = value if isinstance(value, int) else float(f"{value:.6g}")
+    return {"check": check, "value": shown, "bound": bound, "ok": bool(ok)}
 
 
 def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, Any]:
