@@ -142,11 +142,13 @@ def generate_tokens(
     logits, cache = step(np.asarray(ids, dtype=np.int64), cache)
     filled = len(ids)
     slid = False
-    for _ in range(opts.max_new_tokens):
+    for i in range(opts.max_new_tokens):
         tok = sample(logits, opts, history, next(draws))
         yield tok
         history.append(tok)
         if opts.stop_at_eos and tok == eos_id:
+            return
+        if i == opts.max_new_tokens - 1:  # no model step whose logits nobody reads
             return
         if filled + 1 > context_length:
             keep = history[-(context_length * 3 // 4) :]
