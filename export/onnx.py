@@ -19,6 +19,7 @@ lm_head (MatMulNBits) and the token lookup (GatherBlockQuantized).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -46,9 +47,10 @@ QUANTIZATIONS = ("none", "int8", "int4")
 DEFAULT_OPSET = 23
 # RMSNormalization, RotaryEmbedding and Attention entered the default domain in opset 23.
 MIN_OPSET = 23
-# Block sizes for blockwise weight quantization: int4 needs small blocks to keep its error low;
-# int8 is precise enough that a larger block halves the scale overhead.
-BLOCK_SIZE = {"int8": 64, "int4": 32}
+# Block size for blockwise weight quantization. Measured on the bundled checkpoint (mean KL on
+# real text): int8 64 -> 1.1e-3, 32 -> 8.3e-4; int4 32 -> 0.237, 16 -> 0.195 at +12% file size.
+# Error-minimising scale search and asymmetric zero points gained < 10% and were left out.
+BLOCK_SIZE = {"int8": 32, "int4": 32}
 BITS = {"int8": 8, "int4": 4}
 MODEL_FILE = "model.onnx"
 GENAI_FILE = "genai_config.json"
@@ -107,10 +109,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
 
 def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of ``quantize_blockwise`` (for tests and error estimates)."""
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
-    else:
-        q = packed
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1) if bits == 4 else packed
     w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
     return w.reshape(w.shape[0], -1)[:, :k]
 
@@ -495,10 +494,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -588,3 +585,16 @@ def export_to_folder(
 
             shutil.rmtree(tmp, ignore_errors=True)
     return folder / MODEL_FILE
+
+
+def parity_report(
+    model: str | Path | None = None,
+    *,
+    quantize: str = "none",
+    ort_format: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Logits of a fresh export against PyTorch; see export/onnx_parity.py for the checks."""
+    from gpts_edge.export.onnx_parity import parity_report as run
+
+    return run(model, quantize=quantize, ort_format=ort_format, threads=threads)
