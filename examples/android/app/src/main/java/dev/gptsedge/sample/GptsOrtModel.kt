@@ -1,0 +1,102 @@
+package dev.gptsedge.sample
+
+import ai.onnxruntime.OnnxTensor
+import ai.onnxruntime.OrtEnvironment
+import ai.onnxruntime.OrtSession
+import java.nio.FloatBuffer
+import java.nio.LongBuffer
+
+/** The KV cache between steps: the `present.*` tensors of the last run, fed back as `past_key_values.*`. */
+class KvCache(val past: Map<String, OnnxTensor>, val length: Int)
+
+/**
+ * GPT-S on onnxruntime-android (the same ai.onnxruntime API as the desktop Java package): one
+ * session over model.ort, prefill in one run, then one run per token.
+ *
+ * Graph I/O (names from gpts_edge/names.py): input_ids, attention_mask, position_ids [1, T] int64;
+ * past_key_values.{i}.key/value [1, kvHeads, past, headDim] float32 -> logits [1, T, vocab],
+ * present.{i}.key/value [1, kvHeads, past + T, headDim].
+ *
+ * Not thread-safe: one generation at a time per instance.
+ */
+class GptsOrtModel(modelBytes: ByteArray, configJson: String, threads: Int = 1) : StepModel<KvCache>, AutoCloseable {
+    private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
+    private val session: OrtSession
+    private val layers: Int
+    private val kvHeads: Int
+    private val headDim: Int
+    override val vocabSize: Int
+    override val contextLength: Int
+    private val empty: Map<String, OnnxTensor>
+    // The Result whose present.* tensors are the live cache; closed when the next run replaces it.
+    private var live: OrtSession.Result? = null
+
+    init {
+        @Suppress("UNCHECKED_CAST")
+        val cfg = Json.parse(configJson) as Map<String, Any?>
+        fun int(key: String): Int = (cfg[key] as? Double)?.toInt()
+            ?: throw IllegalArgumentException("config.json: field $key: expected a number, found ${cfg[key]}")
+        layers = int("num_hidden_layers")
+        kvHeads = int("num_key_value_heads")
+        headDim = int("head_dim")
+        vocabSize = int("vocab_size")
+        contextLength = int("max_position_embeddings")
+        val opts = OrtSession.SessionOptions()
+        // 1.4M parameters: a thread pool costs more per token than it saves, and one thread
+        // leaves the other cores (and the battery) to the app.
+        opts.setIntraOpNumThreads(threads)
+        session = env.createSession(modelBytes, opts)
+        val shape = longArrayOf(1, kvHeads.toLong(), 0, headDim.toLong())
+        val e = LinkedHashMap<String, OnnxTensor>()
+        for (i in 0 until layers) {
+            e["past_key_values.$i.key"] = OnnxTensor.createTensor(env, FloatBuffer.allocate(0), shape)
+            e["past_key_values.$i.value"] = OnnxTensor.createTensor(env, FloatBuffer.allocate(0), shape)
+        }
+        empty = e
+    }
+
+    override fun newCache(): KvCache = KvCache(empty, 0)
+
+    override fun step(ids: LongArray, cache: KvCache): Pair<FloatArray, KvCache> {
+        val n = ids.size
+        require(n > 0) { "step: expected at least one token, found none" }
+        val total = cache.length + n
+        require(total <= contextLength) { "sequence of $total tokens is longer than the context ($contextLength)" }
+        val mask = LongArray(total) { 1L }
+        val pos = LongArray(n) { cache.length + it.toLong() }
+        val own = listOf(
+            OnnxTensor.createTensor(env, LongBuffer.wrap(ids), longArrayOf(1, n.toLong())),
+            OnnxTensor.createTensor(env, LongBuffer.wrap(mask), longArrayOf(1, total.toLong())),
+            OnnxTensor.createTensor(env, LongBuffer.wrap(pos), longArrayOf(1, n.toLong()))
+        )
+        val feeds = HashMap<String, OnnxTensor>(cache.past)
+        feeds["input_ids"] = own[0]
+        feeds["attention_mask"] = own[1]
+        feeds["position_ids"] = own[2]
+        val result = try {
+            session.run(feeds)
+        } finally {
+            for (t in own) t.close()
+        }
+        // The inputs of this run (the previous result's tensors) are no longer needed.
+        live?.close()
+        live = result
+        val logitsBuf = (result.get("logits").get() as OnnxTensor).floatBuffer
+        val logits = FloatArray(vocabSize)
+        logitsBuf.position((n - 1) * vocabSize)
+        logitsBuf.get(logits)
+        val present = LinkedHashMap<String, OnnxTensor>()
+        for (i in 0 until layers) {
+            present["past_key_values.$i.key"] = result.get("present.$i.key").get() as OnnxTensor
+            present["past_key_values.$i.value"] = result.get("present.$i.value").get() as OnnxTensor
+        }
+        return Pair(logits, KvCache(present, total))
+    }
+
+    override fun close() {
+        live?.close()
+        live = null
+        for (t in empty.values) t.close()
+        session.close()
+    }
+}
