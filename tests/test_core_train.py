@@ -260,6 +260,26 @@ def test_every_data_source_kind_is_tokenized_with_document_separators(
     assert sorted((tmp_path / "cache").iterdir()) == cached
 
 
+def test_two_ranks_preparing_the_same_source_do_not_collide(
+    tmp_path, tiny_text, tokenizer_json, monkeypatch
+) -> None:
+    """DDP ranks tokenize the same source at once; the one that renames second must not fail."""
+    from gpts_edge.training import data as data_mod
+
+    first = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
+    real = data_mod.is_prepared
+    seen = {"n": 0}
+
+    def not_yet(path: Path) -> bool:  # the second rank looked before the first one finished
+        seen["n"] += 1
+        return False if seen["n"] <= 2 else real(path)
+
+    monkeypatch.setattr(data_mod, "is_prepared", not_yet)
+    second = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
+    assert second == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temp dir left
+
+
 def test_mixing_weights_set_the_share_of_each_source(tmp_path, data_dir, tokenizer_json) -> None:
     assert parse_data_spec("data/x.jsonl:3") == ("data/x.jsonl", 3.0)
     assert parse_data_spec("data/x.jsonl") == ("data/x.jsonl", 1.0)

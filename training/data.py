@@ -102,12 +102,14 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
         "tokenizer_sha256_16": tokenizer_hash(tokenizer_json),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():  # another process finished the same source first
-        import shutil
+    import shutil
 
-        shutil.rmtree(tmp)
-    else:
+    try:
         os.replace(tmp, out)
+    except OSError:  # another process (e.g. the other DDP rank) finished the same source first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_prepared(out):
+            raise
     return out
 
 
