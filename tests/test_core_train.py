@@ -264,20 +264,24 @@ def test_two_ranks_preparing_the_same_source_do_not_collide(
     tmp_path, tiny_text, tokenizer_json, monkeypatch
 ) -> None:
     """DDP ranks tokenize the same source at once; the one that renames second must not fail."""
+    import shutil
+
     from gpts_edge.training import data as data_mod
 
-    first = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
-    real = data_mod.is_prepared
-    seen = {"n": 0}
+    done = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
+    other_rank = shutil.copytree(done, tmp_path / "other-rank")
+    shutil.rmtree(done)
+    real_replace = os.replace
 
-    def not_yet(path: Path) -> bool:  # the second rank looked before the first one finished
-        seen["n"] += 1
-        return False if seen["n"] <= 2 else real(path)
+    def other_rank_finishes_first(src, dst):
+        if Path(dst) == done and not done.exists():
+            real_replace(other_rank, done)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(data_mod, "is_prepared", not_yet)
-    second = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
-    assert second == first
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temp dir left
+    monkeypatch.setattr(data_mod.os, "replace", other_rank_finishes_first)
+    again = data_mod.prepare_source(str(tiny_text), tokenizer_json, tmp_path / "cache")
+    assert again == done and data_mod.is_prepared(done)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [done.name]  # no temp dir left
 
 
 def test_mixing_weights_set_the_share_of_each_source(tmp_path, data_dir, tokenizer_json) -> None:
