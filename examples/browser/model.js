@@ -113,7 +113,8 @@ export class OnnxModel {
     if (ids.length > this.context) ids = ids.slice(-this.context);
     draw ??= makeRng(seed);
     const history = [...ids];
-    Object.assign(stats, { promptTokens: ids.length, prefillMs: 0, decodeMs: 0, decodeSteps: 0, slid: false });
+    // stepMs keeps each decode step's time: its median shows the speed even on a busy machine.
+    Object.assign(stats, { promptTokens: ids.length, prefillMs: 0, decodeMs: 0, decodeSteps: 0, stepMs: [], slid: false });
     let t0 = performance.now();
     let { logits, cache } = await this.step(ids, this.newCache());
     stats.prefillMs = performance.now() - t0;
@@ -134,8 +135,10 @@ export class OnnxModel {
       } else {
         ({ logits, cache } = await this.step([token], cache));
         filled += 1;
-        stats.decodeMs += performance.now() - t0;
+        const ms = performance.now() - t0;
+        stats.decodeMs += ms;
         stats.decodeSteps += 1;
+        stats.stepMs.push(ms);
       }
     }
   }
