@@ -556,10 +556,14 @@ def export_onnx(
 
 
 def _sidecar_files(ckpt: Checkpoint, model_file: str) -> dict[str, bytes]:
+    # onnxruntime-genai's og.Tokenizer (and transformers.js) refuse a folder without it.
+    from gpts_edge.export.hf import TOKENIZER_CONFIG_FILE, hf_tokenizer_config
+
     gen = dict(ckpt.generation)
     return {
         CONFIG_FILE: (json.dumps(ckpt.config.to_hf_dict(), indent=2) + "\n").encode(),
         TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes(),
+        TOKENIZER_CONFIG_FILE: (json.dumps(hf_tokenizer_config(ckpt.config), indent=2) + "\n").encode(),
         GENERATION_FILE: (json.dumps(gen, indent=2) + "\n").encode(),
         GENAI_FILE: (json.dumps(genai_config(ckpt.config, gen, model_file), indent=2) + "\n").encode(),
     }
