@@ -25,9 +25,10 @@ from gpts_edge.errors import GptsError
 
 ORT_FILE = "model.ort"
 OPS_CONFIG_FILE = "required_operators.config"
-# Files copied from the ONNX export so the folder runs on its own (the genai config names
-# model.onnx, which this folder does not have, so it stays behind).
-SIDECARS = ("config.json", "tokenizer.json", "generation_config.json")
+# Sidecars of the ONNX export that stay behind: the model itself, and onnxruntime-genai's config,
+# which names model.onnx (this folder has model.ort instead). Everything else (config.json,
+# tokenizer.json, tokenizer_config.json, generation_config.json) is copied so the folder runs alone.
+LEFT_BEHIND = ("model.onnx", "genai_config.json")
 # Mobile and Raspberry Pi targets are ARM; "arm" keeps the converter from baking x86-only
 # layouts (NCHWc) into the fixed-optimization graph. The result still runs on x86.
 DEFAULT_TARGET = "arm"
@@ -135,8 +136,9 @@ def export_ort(
         final.mkdir()
         os.replace(ort_dir / ORT_FILE, final / ORT_FILE)
         _write_ops_config(_find_ops_config(ort_dir), final / OPS_CONFIG_FILE)
-        for name in SIDECARS:
-            shutil.copyfile(onnx_dir / name, final / name)
+        for f in sorted(onnx_dir.iterdir()):
+            if f.is_file() and f.name not in LEFT_BEHIND:
+                shutil.copyfile(f, final / f.name)
         for f in final.iterdir():
             f.chmod(0o644)  # mkstemp files are private; an app bundle needs them readable
         final.chmod(0o755)

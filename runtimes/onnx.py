@@ -36,6 +36,7 @@ from gpts_edge.names import (
 from gpts_edge.tokenizer import load_tokenizer
 
 MODEL_FILE = "model.onnx"
+ORT_MODEL_FILE = "model.ort"
 CONFIG_FILE = "config.json"
 # A 1.4M-parameter model is too small for a thread pool to pay off: one thread is fastest per
 # token on edge CPUs and leaves the other cores to the application.
@@ -44,9 +45,10 @@ DEFAULT_THREADS = 1
 
 def _find_model_file(path: Path) -> Path:
     if path.is_file():
-        if path.suffix != ".onnx":
+        # onnxruntime loads ORT-format files (`gpts-edge export --format ort`) the same way.
+        if path.suffix not in (".onnx", ".ort"):
             raise GptsError(
-                f"{path}: expected a .onnx file or a folder exported by `gpts-edge export --format onnx`"
+                f"{path}: expected a .onnx or .ort file or a folder exported by `gpts-edge export --format onnx`"
             )
         return path
     if not path.exists():
@@ -54,6 +56,8 @@ def _find_model_file(path: Path) -> Path:
     preferred = path / MODEL_FILE
     if preferred.is_file():
         return preferred
+    if (path / ORT_MODEL_FILE).is_file():
+        return path / ORT_MODEL_FILE
     found = sorted(path.glob("*.onnx"))
     if len(found) == 1:
         return found[0]
