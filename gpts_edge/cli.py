@@ -172,10 +172,26 @@ def export(
     quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
     arch: Annotated[str, typer.Option(help="GGUF: gpts | llama (plain-GQA checkpoints only)")] = "gpts",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's choice).")] = None,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="ONNX: onnx | transformersjs (folder with onnx/model*.onnx; --quantize may list several)"
+        ),
+    ] = "onnx",
 ) -> None:
     """Export a checkpoint to ONNX (with KV cache), GGUF, ORT (mobile) or a Hugging Face folder."""
     try:
-        if format == "onnx":
+        if layout != "onnx" and format != "onnx":
+            raise GptsError(f"--layout {layout}: only applies to --format onnx")
+        if format == "onnx" and layout == "transformersjs":
+            from gpts_edge.export.compat import export_transformersjs
+
+            export_transformersjs(
+                model, output, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True)
+            )
+        elif format == "onnx" and layout != "onnx":
+            raise GptsError(f"--layout: unknown layout {layout!r}; choose from onnx, transformersjs")
+        elif format == "onnx":
             from gpts_edge.export.onnx import export_onnx
 
             export_onnx(model, output, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
