@@ -149,9 +149,10 @@ def parity_report(
     ort_format: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    from gpts_edge.checkpoint import resolve_model_dir
     from gpts_edge.export.onnx import QUANTIZATIONS, export_onnx
     from gpts_edge.runtimes.onnx import OnnxRuntime
+
+    from gpts_edge.checkpoint import resolve_model_dir
 
     if ort_format:
         raise GptsError("--format ort: parity for the ORT format is not implemented yet (use --format onnx)")

@@ -58,7 +58,7 @@ def info(
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
-    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "torch",
+    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "onnx",
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
     temperature: Annotated[float | None, typer.Option()] = None,
     top_k: Annotated[int | None, typer.Option()] = None,
