@@ -125,6 +125,7 @@ export class OnnxModel {
       yield { token, logits };
       history.push(token);
       if (opts.stop_at_eos !== false && token === EOS_ID) return;
+      if (n === opts.max_new_tokens - 1) return; // no model step whose logits nobody reads
       t0 = performance.now();
       if (filled + 1 > this.context) {
         const keep = history.slice(-Math.floor((this.context * 3) / 4));
