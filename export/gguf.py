@@ -305,14 +305,32 @@ def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, 
     Teacher-forced on PyTorch's greedy continuation of a fixed prompt: one prefill plus
     ``PARITY_STEPS`` cached single-token steps, and a left-padded batch through forward_logits.
     """
+    return parity_reports(model, (quant,))[0]
+
+
+def parity_reports(model: str | Path | None, quants: tuple[str, ...] = QUANTS) -> list[dict[str, Any]]:
+    """``parity_report`` for several quantizations, computing the PyTorch reference once."""
+    for quant in quants:
+        if quant not in QUANTS:
+            raise GptsError(f"--quant: unknown GGUF quantization {quant!r}; choose from {', '.join(QUANTS)}")
     import torch
-    from gpts_edge.runtimes.gguf import GGUFRuntime
+
+    # The model is tiny: intra-op threads only add waiting, badly so on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _torch_reference(model)
+    finally:
+        torch.set_num_threads(threads)
+    return [_compare(ref, model, quant) for quant in quants]
+
+
+def _torch_reference(model: str | Path | None) -> dict[str, Any]:
+    import torch
 
     from gpts_edge.model import GPTS, weights_to_state
     from gpts_edge.tokenizer import load_tokenizer
 
-    if quant not in QUANTS:
-        raise GptsError(f"--quant: unknown GGUF quantization {quant!r}; choose from {', '.join(QUANTS)}")
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     net = GPTS(cfg)
@@ -328,11 +346,36 @@ def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, 
             nxt = int(logits[0, -1].argmax())
             seq.append(nxt)
             logits, cache = net(torch.tensor([[nxt]]), cache)
-        ref = net(torch.tensor([seq]))[0][0].numpy()  # (len(seq), V)
+        full = net(torch.tensor([seq]))[0][0].numpy()  # (len(seq), V)
+        # Left-padded batch: the full sequence, and its first half padded on the left.
+        short = seq[: max(1, len(prompt) // 2)]
+        ids = np.zeros((2, len(seq)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        ids[0], mask[0] = seq, 1
+        ids[1, len(seq) - len(short) :], mask[1, len(seq) - len(short) :] = short, 1
+        pos = (torch.from_numpy(mask).cumsum(-1) - 1).clamp_min(0)
+        batch = net(torch.from_numpy(ids), None, position_ids=pos, attention_mask=torch.from_numpy(mask))[
+            0
+        ].numpy()
+    return {
+        "prompt": prompt,
+        "seq": seq,
+        "steps": steps,
+        "full": full,
+        "ids": ids,
+        "mask": mask,
+        "batch": batch,
+    }
+
+
+def _compare(ref: dict[str, Any], model: str | Path | None, quant: str) -> dict[str, Any]:
+    from gpts_edge.runtimes.gguf import GGUFRuntime
+
     with tempfile.TemporaryDirectory(prefix="gpts-gguf-parity-") as d:
         path = export_gguf(model, Path(d) / f"model-{quant}.gguf", quant=quant, log=lambda m: None)
         size = path.stat().st_size
-        rt = GGUFRuntime(path)
+        rt = GGUFRuntime(path, threads=1)
+    prompt, seq, steps = ref["prompt"], ref["seq"], ref["steps"]
     P = len(prompt)
     got = []
     last, cache = rt.step(np.array(prompt), None)
@@ -341,21 +384,11 @@ def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, 
         last, cache = rt.step(np.array([t]), cache)
         got.append(last)
     got_arr = np.stack(got)
-    want = ref[P - 1 : P - 1 + len(got)]
+    want = ref["full"][P - 1 : P - 1 + len(got)]
     diff = float(np.abs(got_arr - want).max())
-    # Left-padded batch: a shorter row padded on the left must score like it does alone.
-    short = seq[: max(1, P // 2)]
-    ids = np.zeros((2, len(seq)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    ids[0], mask[0] = seq, 1
-    ids[1, len(seq) - len(short) :], mask[1, len(seq) - len(short) :] = short, 1
-    with torch.inference_mode():
-        pos = (torch.from_numpy(mask).cumsum(-1) - 1).clamp_min(0)
-        ref_b = net(torch.from_numpy(ids), None, position_ids=pos, attention_mask=torch.from_numpy(mask))[
-            0
-        ].numpy()
-    got_b = rt.forward_logits(ids, mask)
-    diff_b = float(np.abs(got_b - ref_b)[mask.astype(bool)].max())
+    mask = ref["mask"]
+    got_b = rt.forward_logits(ref["ids"], mask)
+    diff_b = float(np.abs(got_b - ref["batch"])[mask.astype(bool)].max())
     p, q = _softmax64(want), _softmax64(got_arr)
     kl = float(np.mean(np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300)), axis=-1)))
     top1 = float(np.mean(want.argmax(-1) == got_arr.argmax(-1)))
