@@ -11,10 +11,10 @@ Usage:
     python3 generate.py model-ort "Once upon a time" --max-new-tokens 60
     python3 generate.py model-ort "Once upon a time" --greedy --json   # token ids, for checks
 
-Sampling here is a short temperature/top-k/top-p sampler. It is NOT bit-identical to the
-project's shared sampler (gpts_edge.sampling: repetition penalty, no-repeat-ngram and its own
-random stream); greedy decoding is identical everywhere, which is what scripts/pi_qemu_check.sh
-compares between x86 and aarch64.
+Sampling follows the project's sampler (gpts_edge.sampling) step for step, with the defaults of
+the folder's generation_config.json and numpy's generator, so `--seed N` gives the same text as
+`gpts-edge generate --runtime onnx --seed N`. scripts/pi_qemu_check.sh compares greedy tokens
+between x86 and aarch64.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def find_model(folder: Path) -> Path:
 
 class Model:
     def __init__(self, folder: Path, threads: int = 1) -> None:
+        self.path = find_model(folder)
+        for name in ("config.json", "tokenizer.json"):
+            if not (folder / name).is_file():
+                sys.exit(
+                    f"error: {folder}: no {name} next to {self.path.name} (export with gpts-edge export)"
+                )
         cfg = json.loads((folder / "config.json").read_text())
         self.layers = int(cfg["num_hidden_layers"])
         self.kv_heads = int(cfg["num_key_value_heads"])
@@ -52,7 +58,6 @@ class Model:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.path = find_model(folder)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -78,21 +83,46 @@ class Model:
         return out["logits"][0, -1], (present, length + n)
 
 
-def pick(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float) -> int:
-    if temperature <= 0:
+def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
+    if n <= 0 or len(history) < n:
+        return set()
+    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
+    return {
+        history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i : i + n - 1]) == prefix
+    }
+
+
+def sample(logits: np.ndarray, opts: argparse.Namespace, history: list[int], u: float) -> int:
+    """gpts_edge.sampling.sample, verbatim in behaviour (same order of operations, float64)."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    if opts.repetition_penalty != 1.0 and history:
+        ids = np.unique(np.asarray(history, dtype=np.int64))
+        vals = x[ids]
+        x[ids] = np.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
+    for t in banned_ngram_tokens(history, opts.no_repeat_ngram_size):
+        x[t] = -np.inf
+    if opts.temperature == 0:
+        return int(np.argmax(x))
+    x = x / opts.temperature
+    if opts.top_k and opts.top_k < len(x):
+        x[x < np.partition(x, -opts.top_k)[-opts.top_k]] = -np.inf
+    finite = np.isfinite(x)
+    if not finite.any():
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if 0 < top_k < z.size:
-        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-    p = np.exp(z - z.max())
+    p = np.zeros_like(x)
+    p[finite] = np.exp(x[finite] - x[finite].max())
     p /= p.sum()
-    if top_p < 1.0:
+    if opts.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
-        keep = np.cumsum(p[order]) - p[order] < top_p  # always keeps the top token
-        mask = np.zeros_like(p)
-        mask[order[keep]] = 1.0
-        p = p * mask / (p * mask).sum()
-    return int(rng.choice(p.size, p=p))
+        keep_n = int(np.searchsorted(np.cumsum(p[order]), opts.top_p) + 1)
+        keep = np.zeros_like(p, dtype=bool)
+        keep[order[:keep_n]] = True
+        p = np.where(keep, p, 0.0)
+    cum = np.cumsum(p)
+    idx = min(int(np.searchsorted(cum, u * cum[-1], side="right")), len(p) - 1)
+    while p[idx] == 0 and idx > 0:
+        idx -= 1
+    return idx
 
 
 def main() -> None:
@@ -103,9 +133,12 @@ def main() -> None:
     ap.add_argument("prompt")
     ap.add_argument("--max-new-tokens", type=int, default=60)
     ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    # None: take the value from the folder's generation_config.json
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--no-repeat-ngram-size", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
@@ -115,9 +148,23 @@ def main() -> None:
     prompt_ids = m.tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         sys.exit("error: prompt: expected at least one token, found an empty prompt")
+    gen_path = args.model / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    for key, default in (
+        ("temperature", 0.8),
+        ("top_k", 0),
+        ("top_p", 1.0),
+        ("repetition_penalty", 1.0),
+        ("no_repeat_ngram_size", 0),
+    ):
+        if getattr(args, key) is None:
+            setattr(args, key, type(default)(gen.get(key, default) or default))
+    if args.greedy or gen.get("do_sample", True) is False:
+        args.temperature = 0.0
     budget = min(args.max_new_tokens, m.context - len(prompt_ids))
+    # numpy's generator with one draw per token: with the same --seed this picks the same tokens
+    # as `gpts-edge generate --runtime onnx --seed N` (as long as the context does not fill up).
     rng = np.random.default_rng(args.seed)
-    temperature = 0.0 if args.greedy else args.temperature
 
     t0 = time.perf_counter()
     logits, cache = m.step(prompt_ids, m.new_cache())
@@ -126,7 +173,7 @@ def main() -> None:
     shown = 0
     t1 = time.perf_counter()
     while len(new) < budget:
-        tok = pick(logits, rng, temperature, args.top_k, args.top_p)
+        tok = sample(logits, args, prompt_ids + new, float(rng.random()))
         if tok == EOT_ID:
             break
         new.append(tok)
