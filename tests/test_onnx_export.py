@@ -18,14 +18,15 @@ import pytest
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from gpts_edge.checkpoint import default_model_dir, save_checkpoint  # noqa: E402
-from gpts_edge.config import PRESETS  # noqa: E402
-from gpts_edge.errors import GptsError  # noqa: E402
 from gpts_edge.export import onnx as onnx_export  # noqa: E402
 from gpts_edge.export.onnx import export_onnx  # noqa: E402
 from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
-from gpts_edge.names import onnx_io_names  # noqa: E402
 from gpts_edge.runtimes.onnx import OnnxRuntime  # noqa: E402
+
+from gpts_edge.checkpoint import default_model_dir, save_checkpoint  # noqa: E402
+from gpts_edge.config import PRESETS  # noqa: E402
+from gpts_edge.errors import GptsError  # noqa: E402
+from gpts_edge.names import onnx_io_names  # noqa: E402
 from gpts_edge.torch_runtime import TorchRuntime  # noqa: E402
 
 
@@ -197,8 +198,9 @@ def test_greedy_64_tokens_identical_torch_vs_onnx(runtimes) -> None:
     from gpts_edge.sampling import SamplingOptions
 
     rt, ref = runtimes
-    opts = SamplingOptions(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=64,
-                           stop_at_eos=False)
+    opts = SamplingOptions(
+        temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=64, stop_at_eos=False
+    )
     prompt = [int(t) for t in text_ids(rt, 12)]
     got = list(generate_ids(rt, prompt, opts))
     assert len(got) == 64
@@ -231,7 +233,9 @@ def test_quantized_export_shrinks_and_meets_measured_bounds(
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # MatMul: XSA only
     # The tied embedding is stored once, quantized: no float initializer holds vocab x hidden values.
-    big_float = [i.name for i in model.graph.initializer if i.data_type == 1 and np.prod(i.dims) >= 4096 * 128]
+    big_float = [
+        i.name for i in model.graph.initializer if i.data_type == 1 and np.prod(i.dims) >= 4096 * 128
+    ]
     assert big_float == []
     rt = OnnxRuntime(tmp_path)
     windows = text_windows(rt.tokenizer, 384)
@@ -287,7 +291,9 @@ def test_export_into_missing_directory_fails_clearly(peaky: Path, tmp_path: Path
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a read-only /proc")
 def test_export_into_read_only_location_fails_clearly(peaky: Path) -> None:
     # /proc refuses new files even for root, where chmod-based read-only folders would not.
-    with pytest.raises(GptsError, match=r"^/proc: (output directory is not writable|cannot write the export)"):
+    with pytest.raises(
+        GptsError, match=r"^/proc: (output directory is not writable|cannot write the export)"
+    ):
         export_onnx(peaky, "/proc/model.onnx", log=quiet)
 
 
@@ -322,15 +328,17 @@ def test_cli_export_unknown_format_exits_2_with_one_line(tmp_path: Path) -> None
 
     res = run_cli("export", "--format", "tflite", "-o", str(tmp_path / "m.onnx"))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: --format: unknown format 'tflite'; choose from onnx, gguf, ort, hf"]
+    assert res.stderr.strip().splitlines() == [
+        "error: --format: unknown format 'tflite'; choose from onnx, gguf, ort, hf"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_parity_prints_table_and_exits_1_when_a_bound_fails(peaky: Path, monkeypatch) -> None:
+    from gpts_edge.export import onnx_parity
     from typer.testing import CliRunner
 
     from gpts_edge import cli
-    from gpts_edge.export import onnx_parity
 
     # One real run (a full parity run costs seconds): every genuine check passes, and an impossible
     # top-1 bound (> 100%) must turn into a FAIL row and exit code 1.

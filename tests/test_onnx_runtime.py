@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpts_edge.runtimes.onnx import OnnxRuntime, load, open_onnx_runtime
 
 from gpts_edge.errors import GptsError
-from gpts_edge.runtimes.onnx import OnnxRuntime, load, open_onnx_runtime
 from tests.conftest import REPO, run_cli
 
 pytest.importorskip("onnx")
@@ -47,10 +47,16 @@ def _no_torch_env(tmp_path: Path, block: tuple[str, ...] = ("torch",)) -> dict[s
     fake.mkdir(exist_ok=True)
     for name in block:
         (fake / f"{name}.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)]), "XDG_CACHE_HOME": str(tmp_path / "c")}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)]),
+        "XDG_CACHE_HOME": str(tmp_path / "c"),
+    }
 
 
-def test_runtime_generates_in_a_process_where_torch_cannot_be_imported(exported: Path, tmp_path: Path) -> None:
+def test_runtime_generates_in_a_process_where_torch_cannot_be_imported(
+    exported: Path, tmp_path: Path
+) -> None:
     script = textwrap.dedent(f"""
         import sys
         try:
@@ -67,8 +73,13 @@ def test_runtime_generates_in_a_process_where_torch_cannot_be_imported(exported:
         assert not any(k == "torch" or k.startswith("torch.") for k in sys.modules)
         print("OK", len(text))
     """)
-    res = subprocess.run([sys.executable, "-c", script], env=_no_torch_env(tmp_path), capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_no_torch_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("OK")
 
@@ -114,7 +125,9 @@ def test_a_dot_onnx_path_opens_like_its_folder(exported: Path, rt: OnnxRuntime) 
     assert np.array_equal(by_file.forward_logits(ids), rt.forward_logits(ids))
 
 
-def test_checkpoint_is_exported_once_into_the_user_cache(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+def test_checkpoint_is_exported_once_into_the_user_cache(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = open_onnx_runtime(tiny_checkpoint)
     folders = list((tmp_path / "gpts-edge").iterdir())
@@ -126,7 +139,9 @@ def test_checkpoint_is_exported_once_into_the_user_cache(tiny_checkpoint: Path, 
     assert second.model_path.stat().st_mtime_ns == stamp  # reused, not re-exported
 
 
-def test_cli_generate_defaults_to_onnx_and_matches_torch_greedy(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_generate_defaults_to_onnx_and_matches_torch_greedy(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     args = ("generate", "Hello there", "--model", str(tiny_checkpoint), "--max-new-tokens", "12", "--greedy")
     onnx_res = run_cli(*args, env=env)
@@ -167,9 +182,13 @@ def test_foreign_onnx_file_fails_naming_expected_inputs(exported: Path, tmp_path
         [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
-              str(folder / "model.onnx"))
-    with pytest.raises(GptsError, match=r"expected inputs \['input_ids', 'attention_mask'.*found \['pixel_values'\]"):
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+        str(folder / "model.onnx"),
+    )
+    with pytest.raises(
+        GptsError, match=r"expected inputs \['input_ids', 'attention_mask'.*found \['pixel_values'\]"
+    ):
         OnnxRuntime(folder)
 
 
@@ -192,8 +211,11 @@ def test_token_ids_outside_the_vocabulary_fail_clearly(rt: OnnxRuntime) -> None:
 
 def test_sequence_longer_than_context_fails_clearly(rt: OnnxRuntime) -> None:
     ctx = rt.config.context_length
-    with pytest.raises(GptsError, match=f"sequence of {ctx + 1} tokens is longer than the context "
-                                        rf"\(expected at most {ctx}\)"):
+    with pytest.raises(
+        GptsError,
+        match=f"sequence of {ctx + 1} tokens is longer than the context "
+        rf"\(expected at most {ctx}\)",
+    ):
         rt.step(np.ones(ctx + 1, dtype=np.int64), rt.new_cache())
     _, cache = rt.step(np.ones(ctx, dtype=np.int64), rt.new_cache())
     with pytest.raises(GptsError, match="longer than the context"):
@@ -216,3 +238,34 @@ def test_folder_without_onnx_file_fails_clearly(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({}))
     with pytest.raises(GptsError, match=r"no \.onnx file in this folder \(expected model\.onnx\)"):
         OnnxRuntime(tmp_path)
+
+
+def test_plain_onnxruntime_example_matches_the_runtime_greedy(
+    exported: Path, rt: OnnxRuntime, tmp_path: Path
+) -> None:
+    from gpts_edge.generation import generate_ids
+    from gpts_edge.sampling import SamplingOptions
+
+    example = REPO / "examples" / "embed_onnx.py"
+    assert "gpts_edge" not in example.read_text().replace("gpts-edge", "")
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            str(exported),
+            "The river",
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+        ],
+        env=_no_torch_env(tmp_path, block=("torch", "gpts_edge")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    opts = SamplingOptions(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=10)
+    ids = [t for t in generate_ids(rt, rt.tokenizer.encode("The river").ids, opts)]
+    ids = ids[: ids.index(0)] if 0 in ids else ids
+    assert res.stdout == rt.tokenizer.decode(ids) + "\n"
