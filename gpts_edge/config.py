@@ -58,8 +58,16 @@ class ModelConfig:
             raise GptsError(
                 f"config field head_dim: rotary embedding needs an even value, found {self.head_dim}"
             )
-        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
-            raise GptsError("config: rope_theta and rms_norm_eps must be positive")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise GptsError(f"config field {name}: expected a positive number, found {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise GptsError(
+                    f"config field {name}: expected a token id in 0..{self.vocab_size - 1}, found {value!r}"
+                )
 
     @property
     def group_size(self) -> int:

@@ -96,6 +96,11 @@ def _write(tmp_path, **changes):
         ({"hidden_size": 0}, "hidden_size"),
         ({"head_dim": 31}, "head_dim"),
         ({"exclusive_attention": "yes"}, "exclusive_attention"),
+        ({"rope_theta": "2500"}, "rope_theta"),
+        ({"rms_norm_eps": None}, "rms_norm_eps"),
+        ({"rope_theta": -1.0}, "rope_theta"),
+        ({"bos_token_id": "x"}, "bos_token_id"),
+        ({"eos_token_id": 5000}, "eos_token_id"),
     ],
     ids=[
         "unknown",
@@ -107,6 +112,11 @@ def _write(tmp_path, **changes):
         "zero",
         "odd-head-dim",
         "xsa-not-bool",
+        "theta-string",
+        "eps-null",
+        "theta-negative",
+        "bos-string",
+        "eos-outside-vocab",
     ],
 )
 def test_bad_config_json_is_one_clear_error(tmp_path, changes, needle) -> None:
