@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -266,12 +267,15 @@ def export_gguf(
 
 
 def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], None] | None = None) -> Path:
-    """A GGUF file -> checkpoint directory (fp32; quantized tensors are dequantized)."""
+    """A GGUF file -> checkpoint directory (fp32; quantized tensors are dequantized, and
+    ``log`` (default: stderr) says so)."""
     from gpts_edge.checkpoint import save_checkpoint
 
+    if log is None:
+        log = _stderr
     m = read_gguf(source)
     lossy = sorted({t for t in m.tensor_types.values() if t != "F32"})
-    if lossy and log:
+    if lossy:
         log(
             f"{source}: tensors stored as {', '.join(lossy)} are dequantized to f32 (not the original weights)"
         )
@@ -282,6 +286,10 @@ def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], Non
         tok = Path(d) / "tokenizer.json"
         tok.write_text(m.tokenizer_json + "\n", encoding="utf-8")
         return save_checkpoint(output, m.config, m.weights, tok, m.generation)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 # --- parity --------------------------------------------------------------------------------------
