@@ -140,6 +140,9 @@ def hf_tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
         # Byte-level BPE round-trips text exactly; HF's space clean-up would alter it.
         "clean_up_tokenization_spaces": False,
         "add_prefix_space": False,
+        # transformers 4.x's PreTrainedTokenizerFast would also return token_type_ids, which
+        # generate() rejects as an unused model argument.
+        "model_input_names": ["input_ids", "attention_mask"],
     }
 
 
