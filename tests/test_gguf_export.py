@@ -252,3 +252,17 @@ def test_cli_export_then_generate_with_gguf_runtime(tiny_checkpoint, tmp_path):
     r = run_cli("generate", "Hello", "--runtime", "gguf", "--model", out, "--max-new-tokens", "5", "--greedy")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello")
+
+
+def test_exclusive_flag_in_the_file_decides_whether_xsa_runs(tiny_checkpoint, tmp_path):
+    from gpts_edge.export.gguf import plan_gguf, write_plan
+
+    ref = _torch_runtime(tiny_checkpoint)
+    ids = np.random.default_rng(4).integers(0, 4096, size=(1, 16))
+    want = ref.forward_logits(ids)
+    plan = plan_gguf(load_checkpoint(tiny_checkpoint))
+    plan.kv = [(k, False if k == "gpts.attention.exclusive" else v, t, s) for k, v, t, s in plan.kv]
+    off = GGUFRuntime(write_plan(plan, tmp_path / "no-xsa.gguf"))
+    assert not off.config.exclusive_attention
+    # Same weights without XSA are a different model: the flag is read and honoured, not assumed.
+    assert np.abs(off.forward_logits(ids) - want).max() > 1e-3
