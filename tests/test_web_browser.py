@@ -128,6 +128,36 @@ def test_page_greedy_tokens_and_first_logits_equal_python_onnx_runtime(
         assert got["stats"]["slid"], "90 tokens after the prompt must slide the 64-token window"
 
 
+def test_page_samples_like_python_given_the_same_random_draws(browser: object, bundled_onnx: Path) -> None:
+    from gpts_edge.generation import sampling_options
+
+    rt = onnx_runtime.OnnxRuntime(bundled_onnx)
+    # The model's own defaults: temperature 0.8, top-p 0.95, repetition penalty 1.1, no-repeat-ngram 4.
+    opts = sampling_options(rt.generation_config, max_new_tokens=60)
+    draws = [float(u) for u in np.random.default_rng(7).random(opts.max_new_tokens)]
+    ids = rt.tokenizer.encode(PROMPT).ids
+    expected = list(
+        generate_tokens(
+            rt.step,
+            rt.new_cache,
+            ids,
+            opts,
+            context_length=rt.config.context_length,
+            vocab_size=rt.config.vocab_size,
+            draws=iter(draws),
+        )
+    )
+    with WebServer(bundled_onnx, port=0, log=lambda _m: None) as server:
+        page = _open_page(browser, server.url)
+        got = page.evaluate(
+            "([p, n, d]) => window.gpts.generate(p, {max_new_tokens: n}, d)",
+            [PROMPT, opts.max_new_tokens, draws],
+        )
+        page.close()
+    assert got["tokens"] == expected
+    assert len(set(expected)) > 20  # really sampled text, not a loop of one token
+
+
 def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
     browser: object, bundled_onnx: Path, tmp_path: Path
 ) -> None:

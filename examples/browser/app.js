@@ -114,18 +114,25 @@ window.gpts = {
     setStatus(`error: ${err.message}`, true);
     throw err;
   }),
-  async greedy(prompt, maxNewTokens) {
+  // Generate without the UI. `draws`: the uniform numbers to use, in order (default: the seeded
+  // generator), so a test can hand the page and Python the same ones.
+  async generate(prompt, opts, draws = null) {
     const m = await window.gpts.ready;
     const ids = prompt ? m.tokenizer.encode(prompt) : [];
-    const opts = { temperature: 0, top_k: 0, top_p: 1, repetition_penalty: 1, no_repeat_ngram_size: 0,
-      max_new_tokens: maxNewTokens, stop_at_eos: false };
+    const full = checkOptions({ ...optionsFromGenerationConfig(m.generation), stop_at_eos: true, ...opts });
+    const draw = draws ? () => draws.shift() : null;
     const tokens = [];
     let first = null;
     const stats = {};
-    for await (const { token, logits } of m.generate(ids, opts, { stats })) {
+    for await (const { token, logits } of m.generate(ids, full, { draw, stats })) {
       first ??= Array.from(logits);
       tokens.push(token);
     }
     return { promptIds: ids, tokens, firstLogits: first, stats };
+  },
+  greedy(prompt, maxNewTokens) {
+    const opts = { temperature: 0, top_k: 0, top_p: 1, repetition_penalty: 1, no_repeat_ngram_size: 0,
+      max_new_tokens: maxNewTokens, stop_at_eos: false };
+    return window.gpts.generate(prompt, opts);
   },
 };
