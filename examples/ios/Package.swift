@@ -13,7 +13,7 @@ let package = Package(
     ],
     dependencies: [
         // Use the same onnxruntime version as the Python onnxruntime that converted model.ort, or newer.
-        .package(url: "https://github.com/microsoft/onnxruntime-swift-package-manager", from: "1.23.0"),
+        .package(url: "https://github.com/microsoft/onnxruntime-swift-package-manager", from: "1.23.1"),
     ],
     targets: [
         .target(name: "GPTSCore"),
