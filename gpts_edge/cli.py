@@ -340,8 +340,13 @@ def eval_(
 
 @app.command()
 def web(
-    model: Annotated[str | None, typer.Option(help="Exported ONNX folder, .onnx file or checkpoint folder "
-                                                   "(default: the cached ONNX export of the bundled model).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Exported ONNX folder, .onnx file or checkpoint folder "
+            "(default: the cached ONNX export of the bundled model)."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).")] = 8000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
