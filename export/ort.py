@@ -87,7 +87,8 @@ def _write_ops_config(src: Path, dst: Path) -> None:
 
 
 def _prepare_output(output: str | Path) -> Path:
-    out = Path(output)
+    # Resolved so "-o ." names a real folder (the scratch folder is created beside it).
+    out = Path(output).resolve()
     if out.suffix == ".ort":
         raise GptsError(
             f"{out}: --format ort writes a folder (model.ort + sidecar files); pass a folder path"
@@ -96,7 +97,7 @@ def _prepare_output(output: str | Path) -> Path:
         raise GptsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / ORT_FILE).is_file():
         raise GptsError(f"{out}: folder is not empty and holds no {ORT_FILE}; refusing to replace it")
-    parent = out.resolve().parent
+    parent = out.parent
     if not parent.is_dir():
         raise GptsError(f"{parent}: output directory does not exist")
     if not os.access(parent, os.W_OK):
@@ -121,7 +122,7 @@ def export_ort(
     if target_platform not in ("arm", "amd64"):
         raise GptsError(f"target_platform: expected arm or amd64, found {target_platform!r}")
     out = _prepare_output(output_dir)
-    parent = out.resolve().parent
+    parent = out.parent
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         onnx_dir = scratch / "onnx"
