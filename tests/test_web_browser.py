@@ -177,14 +177,21 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
         page.type("#prompt", prompt)
         page.check("#greedy")
         page.fill("#max_new_tokens", str(max_new))
+        # Count the output's changes: streaming means many small updates, not one at the end.
+        page.evaluate(
+            "window.__mutations = 0; new MutationObserver(() => window.__mutations++)"
+            ".observe(document.querySelector('#output'), {childList: true, subtree: true, characterData: true})"
+        )
         page.click("#generate")
         page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60_000)
         output = page.inner_text("#output")
         stats = page.inner_text("#stats")
+        mutations = page.evaluate("window.__mutations")
         shot = tmp_path / "browser.png"
         page.screenshot(path=str(shot), full_page=True)
         page.close()
     assert output == prompt + expected
+    assert mutations >= 10, f"the output changed {mutations} times; expected token-by-token updates"
     # Offline: every request of the page went to the local server (no CDN).
     assert requested and all(u.startswith(server.url) for u in requested), requested
     assert any(u.endswith(".wasm") for u in requested) and any(
