@@ -16,6 +16,7 @@ const prompt = promptParts.join(' ');
 
 // Local files only: the model id is the folder name under its parent directory.
 env.allowRemoteModels = false;
+env.useFSCache = false; // never a cached copy of another run's folder with the same name
 env.localModelPath = path.dirname(path.resolve(folder));
 const id = path.basename(path.resolve(folder));
 
