@@ -107,6 +107,13 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
     return q, scales
 
 
+def int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric blockwise int8 along K for DequantizeLinear: int8 (N, K), scales (N, n_blocks)."""
+    packed, scales = quantize_blockwise(w, 8, block)
+    q = (packed.reshape(w.shape[0], -1)[:, : w.shape[1]].astype(np.int16) - 128).astype(np.int8)
+    return q, scales
+
+
 def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of ``quantize_blockwise`` (for tests and error estimates)."""
     q = np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1) if bits == 4 else packed
@@ -165,9 +172,18 @@ def _rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(
-    cfg: ModelConfig, weights: dict[str, np.ndarray], *, quantize: str = "none", opset: int = DEFAULT_OPSET
+    cfg: ModelConfig,
+    weights: dict[str, np.ndarray],
+    *,
+    quantize: str = "none",
+    opset: int = DEFAULT_OPSET,
+    last_logits_only: bool = False,
 ) -> Any:
-    """The ONNX ModelProto for ``weights`` (checkpoint names, float32)."""
+    """The ONNX ModelProto for ``weights`` (checkpoint names, float32).
+
+    ``last_logits_only`` builds the runtime's decode flavour: same inputs and names, but ``logits``
+    is [batch, 1, vocab] (the last position), which skips the head for every prompt token but one.
+    """
     onnx = _require_onnx()
     from onnx import TensorProto
 
@@ -181,11 +197,27 @@ def build_model(
     def w(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float32)
 
+    def int8_weight(weight: np.ndarray, name: str) -> str:
+        """Blockwise int8 bytes + DequantizeLinear: onnxruntime folds the float weight at load when
+        the session sets session.disable_quant_qdq=1 (our runtime does), so compute stays float32
+        (as accurate and as fast as the float graph) while the file holds one byte per weight."""
+        q, scales = int8_blocks(weight, block)
+        return g.op(
+            "DequantizeLinear",
+            [g.init(f"{name}.qweight", q), g.init(f"{name}.scales", scales)],
+            name=f"{name}/dequantize",
+            axis=1,
+            block_size=block,
+        )
+
     def linear(x: str, weight: np.ndarray, name: str) -> str:
         """x @ weight.T for a (out, in) weight: MatMul on float32, MatMulNBits when quantized."""
         n_out, k = weight.shape
         if not quant:
             return g.op("MatMul", [x, g.init(f"{name}.weight", weight.T)], name=name)
+        if quantize == "int8":
+            wt = g.op("Transpose", [int8_weight(weight, name)], name=f"{name}/weight_t", perm=[1, 0])
+            return g.op("MatMul", [x, wt], name=name)
         packed, scales = quantize_blockwise(weight, bits, block)
         return g.op(
             "MatMulNBits",
@@ -196,6 +228,8 @@ def build_model(
             N=n_out,
             bits=bits,
             block_size=block,
+            # int8 activations inside the int4 kernel: 1.6x faster decode for +1.6% mean KL.
+            accuracy_level=4,
         )
 
     # Constants shared by all layers.
@@ -236,7 +270,10 @@ def build_model(
 
     # Token embedding (tied with the head).
     emb = w("model.embed_tokens.weight")
-    if quant:
+    if quantize == "int8":
+        emb_f = int8_weight(emb, "embed")
+        x = g.op("Gather", [emb_f, ONNX_INPUT_IDS], name="embed/gather")
+    elif quant:
         e_packed, e_scales = quantize_blockwise(emb, bits, block)
         g.init("embed.qweight", e_packed)
         g.init("embed.scales", e_scales)
@@ -346,7 +383,14 @@ def build_model(
             epsilon=eps,
         )
 
-    if quant:
+    if last_logits_only:
+        last = g.init("const.last", np.array([-1], dtype=np.int64))
+        end = g.init("const.end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+        normed = g.op("Slice", [normed, last, end, "const.axis1"], name="lm_head/last_position")
+    if quantize == "int8":
+        head = g.op("Transpose", [emb_f], name="lm_head/weight_t", perm=[1, 0])
+        g.op("MatMul", [normed, head], name="lm_head", outputs=[ONNX_LOGITS])
+    elif quant:
         # The same bytes as the embedding, viewed as MatMulNBits' (N, blocks, blob) layout.
         n_blocks = -(-d // block)
         b3 = g.op(
@@ -381,7 +425,8 @@ def build_model(
         h.make_tensor_value_info(ONNX_ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
         h.make_tensor_value_info(ONNX_POSITION_IDS, i64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [h.make_tensor_value_info(ONNX_LOGITS, f32, ["batch_size", "sequence_length", V])]
+    logits_seq = 1 if last_logits_only else "sequence_length"
+    outputs = [h.make_tensor_value_info(ONNX_LOGITS, f32, ["batch_size", logits_seq, V])]
     for i in range(cfg.num_layers):
         for name in (ONNX_PAST_KEY, ONNX_PAST_VALUE):
             inputs.append(
@@ -522,8 +567,13 @@ def export_onnx(
     quantize: str = "none",
     opset: int | None = None,
     log: Callable[[str], None] = print,
+    last_logits_graph: bool = False,
 ) -> Path:
-    """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files."""
+    """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files.
+
+    ``last_logits_graph`` also writes ``<name>.last_logits.onnx``, the flavour whose ``logits`` hold
+    only the last position; gpts_edge.runtimes.onnx uses it for generation when it is present.
+    """
     if quantize not in QUANTIZATIONS:
         raise GptsError(
             f"--quantize: unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}"
@@ -545,6 +595,10 @@ def export_onnx(
     data = proto.SerializeToString()
     log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
     sidecars = _sidecar_files(ckpt, out.name)
+    if last_logits_graph:
+        fast = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, last_logits_only=True)
+        check_model(fast)
+        sidecars[last_logits_name(out.name)] = fast.SerializeToString()
     try:
         # The model goes last, so a folder holding model.onnx always holds its sidecars too.
         for name, content in sidecars.items():
@@ -553,6 +607,10 @@ def export_onnx(
     except OSError as exc:
         raise GptsError(f"{out.parent}: cannot write the export ({exc.strerror or exc})") from None
     return out
+
+
+def last_logits_name(model_file: str) -> str:
+    return f"{Path(model_file).stem}.last_logits.onnx"
 
 
 def _sidecar_files(ckpt: Checkpoint, model_file: str) -> dict[str, bytes]:
@@ -577,7 +635,7 @@ def export_to_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log)
+        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, last_logits_graph=True)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -95,7 +95,7 @@ def test_one_session_is_reused_and_decode_runs_one_token_per_call(rt: OnnxRuntim
     from gpts_edge.generation import generate_ids
     from gpts_edge.sampling import SamplingOptions
 
-    session = rt.session
+    session = rt.step_session
     calls: list[int] = []
     real_run = session.run
 
@@ -108,7 +108,7 @@ def test_one_session_is_reused_and_decode_runs_one_token_per_call(rt: OnnxRuntim
     out = list(generate_ids(rt, [5, 6, 7, 8, 9], opts))
     assert len(out) == 6
     assert calls == [5, 1, 1, 1, 1, 1]  # prefill in one call, then one token per call
-    assert rt.session is session
+    assert rt.step_session is session
 
 
 def test_thread_count_is_configurable(exported: Path) -> None:
