@@ -92,6 +92,26 @@ export function pairwiseSum(a, start = 0, n = a.length) {
   return pairwiseSum(a, start, n2) + pairwiseSum(a, start + n2, n - n2);
 }
 
+// The ids numpy's top-p keeps: the shortest head of the descending order (ties: lower id first)
+// whose running sum reaches topP. Sorting all ids costs more than the model step, so only the ids
+// with p >= tau are sorted: they are exactly the head of the full order, so the running sum over
+// them is the same as numpy's cumsum as far as it goes. Lower tau until the sum reaches topP.
+function topPHead(p, topP) {
+  let pmax = 0;
+  for (let i = 0; i < p.length; i++) if (p[i] > pmax) pmax = p[i];
+  for (const tau of [pmax / 64, pmax / 2 ** 12, pmax / 2 ** 18, pmax / 2 ** 24, 0]) {
+    const head = [];
+    for (let i = 0; i < p.length; i++) if (p[i] >= tau) head.push(i);
+    head.sort((a, b) => p[b] - p[a] || a - b);
+    let cum = 0;
+    for (let j = 0; j < head.length; j++) {
+      cum += p[head[j]];
+      if (cum >= topP) return head.slice(0, j + 1);
+    }
+    if (tau === 0) return head; // rounding kept the total below topP: keep everything
+  }
+}
+
 /**
  * One token id from `logits` given the ids so far and a uniform draw `u` in [0, 1).
  * @param {ArrayLike<number>} logits
@@ -138,18 +158,8 @@ export function sample(logits, opts, history, u) {
   for (let i = 0; i < V; i++) p[i] /= total;
   // 7. top-p: stable sort by probability, descending; keep the shortest prefix reaching p
   if (opts.top_p < 1.0) {
-    const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => p[b] - p[a]);
-    let cum = 0;
-    let keepN = V;
-    for (let j = 0; j < V; j++) {
-      cum += p[order[j]];
-      if (cum >= opts.top_p) {
-        keepN = j + 1;
-        break;
-      }
-    }
     const kept = new Float64Array(V);
-    for (let j = 0; j < keepN; j++) kept[order[j]] = p[order[j]];
+    for (const id of topPHead(p, opts.top_p)) kept[id] = p[id];
     p = kept;
   }
   // 8. draw: the first id whose cumulative mass exceeds u * total kept mass
