@@ -153,6 +153,24 @@ def test_hf_greedy_generate_equals_gpts_greedy_tokens(hf_dirs, name, penalty, ng
     assert theirs == ours
 
 
+def test_hf_left_padded_batch_generate_equals_gpts_greedy_per_prompt(hf_dirs):
+    """Batched generate pads on the left; each row must still be our unpadded greedy run."""
+    rt, model = _pair(hf_dirs, "tiny")
+    tok = AutoTokenizer.from_pretrained(hf_dirs["tiny"][1], trust_remote_code=True)
+    texts = ["Once upon a time", "The weather in the mountains today was cold and"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # the shorter prompt really is left-padded
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=20, do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0
+        )
+    opts = SamplingOptions(temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=20)
+    width = batch["input_ids"].shape[1]
+    for row, text in enumerate(texts):
+        ours = list(generate_ids(rt, rt.tokenizer.encode(text).ids, opts))
+        assert out[row, width : width + len(ours)].tolist() == ours, text
+
+
 def test_hf_tokenizer_matches_ours(hf_dirs):
     rt, _ = _pair(hf_dirs, "default")
     tok = AutoTokenizer.from_pretrained(hf_dirs["default"][1], trust_remote_code=True)
