@@ -41,6 +41,8 @@ CONFIG_FILE = "config.json"
 # A 1.4M-parameter model is too small for a thread pool to pay off: one thread is fastest per
 # token on edge CPUs and leaves the other cores to the application.
 DEFAULT_THREADS = 1
+# Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
+CACHE_FORMAT = 1
 
 
 def _find_model_file(path: Path) -> Path:
@@ -231,7 +233,7 @@ def cached_export(model: str | Path | None = None, *, quantize: str = "none") ->
     ckpt_dir = resolve_model_dir(model)
     if not (ckpt_dir / WEIGHTS_FILE).is_file():
         raise GptsError(f"{ckpt_dir}: expected a checkpoint ({WEIGHTS_FILE}) or an exported ONNX folder")
-    folder = cache_root() / f"onnx-{quantize}-{_checkpoint_hash(ckpt_dir)}"
+    folder = cache_root() / f"onnx-{quantize}-v{CACHE_FORMAT}-{_checkpoint_hash(ckpt_dir)}"
     if (folder / MODEL_FILE).is_file():
         return folder / MODEL_FILE
     try:
