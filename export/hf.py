@@ -105,7 +105,6 @@ _HF_BOOKKEEPING_KEYS = (
     "task_specific_params",
     "prefix",
     "is_decoder",
-    "architectures_version",
 )
 
 CARD_SNIPPET = """\
@@ -296,14 +295,23 @@ def _config_from_hf(path: Path) -> ModelConfig:
         raise GptsError(f"{path}: field model_type: expected 'gpts', found {data.get('model_type')!r}")
     for key in _HF_BOOKKEEPING_KEYS:
         data.pop(key, None)
-    rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+    for key in ("rope_parameters", "rope_scaling"):
+        _check_plain_rope(path, key, data.pop(key, None), data)
+    return ModelConfig.from_hf_dict(data, source=str(path))
+
+
+def _check_plain_rope(path: Path, key: str, rope: Any, data: dict[str, Any]) -> None:
     if rope is not None:
         # Newer transformers may move rope_theta into rope_parameters; only plain RoPE is ours.
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise GptsError(f"{path}: field rope_parameters: only default RoPE is supported, found {rope!r}")
+            raise GptsError(f"{path}: field {key}: only default RoPE is supported, found {rope!r}")
         if "rope_theta" in rope:
-            data.setdefault("rope_theta", rope["rope_theta"])
-    return ModelConfig.from_hf_dict(data, source=str(path))
+            if "rope_theta" in data and data["rope_theta"] != rope["rope_theta"]:
+                raise GptsError(
+                    f"{path}: field {key}: rope_theta {rope['rope_theta']!r} contradicts "
+                    f"rope_theta {data['rope_theta']!r}"
+                )
+            data["rope_theta"] = rope["rope_theta"]
 
 
 def _generation_from_hf(path: Path) -> dict[str, Any]:

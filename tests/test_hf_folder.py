@@ -176,6 +176,10 @@ BAD_FOLDERS = {
     "other model_type": (_set_config("model_type", "llama"), "model_type: expected 'gpts', found 'llama'"),
     "unknown config field": (_set_config("sliding_window", 128), "unknown field(s) ['sliding_window']"),
     "yarn rope": (_set_config("rope_parameters", {"rope_type": "yarn", "factor": 4.0}), "only default RoPE"),
+    "contradicting rope_theta": (
+        _set_config("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}),
+        "contradicts rope_theta 2500.0",
+    ),
     "no weights": (lambda s: (s / "model.safetensors").unlink(), "model.safetensors: file not found"),
     "pickle only": (_only_pickle, "only pickle weights"),
     "truncated weights": (_truncate, "model.safetensors: "),
@@ -250,3 +254,14 @@ def test_hf_cli_export_import_and_error_exit_code(tiny_checkpoint, tmp_path):
     bad = run_cli("import", "--format", "hf", tmp_path / "nowhere", "-o", tmp_path / "x")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and "expected a Hugging Face model folder" in bad.stderr
+
+
+def test_hf_import_accepts_rope_theta_inside_rope_parameters(hf_folder, tiny_checkpoint, tmp_path):
+    """Newer transformers versions may save rope_theta inside rope_parameters only."""
+    src = _copy(hf_folder, tmp_path)
+    data = json.loads((src / "config.json").read_text())
+    theta = data.pop("rope_theta")
+    data["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    (src / "config.json").write_text(json.dumps(data))
+    out = import_hf(src, tmp_path / "ckpt")
+    assert (out / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
