@@ -46,7 +46,7 @@ def measure(browser, url: str, tokens: int, repeats: int) -> dict:
     page = browser.new_page()
     page.goto(url)
     page.wait_for_function("window.gpts !== undefined")
-    status = page.evaluate("window.gpts.ready.then(() => document.querySelector('#status').textContent)")
+    status = page.evaluate("window.gpts.ready.then(() => document.querySelector('#info').textContent)")
     page.evaluate("([p, n]) => window.gpts.greedy(p, n)", [PROMPT, 20])  # warm-up
     rates, prefill, steps = [], [], []
     for _ in range(repeats):
