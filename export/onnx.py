@@ -107,6 +107,100 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
     return q, scales
 
 
+def gptq_blockwise(
+    w: np.ndarray, hessian: np.ndarray, bits: int, block: int, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) in the layout of ``quantize_blockwise``: columns are rounded one at
+    a time and each rounding error is spread over the not-yet-rounded columns along the inverse
+    Hessian of the layer's inputs, so the layer's output error (not the weight error) is minimised.
+    Block scales use the q4_0 rule on the error-updated weights of the block."""
+    n, k = w.shape
+    work = w.astype(np.float64).copy()
+    h = hessian.astype(np.float64) + np.eye(k) * damp * max(float(np.mean(np.diag(hessian))), 1e-12)
+    dead = np.diag(hessian) == 0
+    h[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor
+    half = 2 ** (bits - 1)
+    n_blocks = -(-k // block)
+    q = np.zeros((n, n_blocks * block), dtype=np.uint8)
+    q[:, k:] = half  # padding decodes to 0
+    scales = np.zeros((n, n_blocks), dtype=np.float32)
+    for b in range(n_blocks):
+        lo, hi = b * block, min((b + 1) * block, k)
+        blk = work[:, lo:hi]
+        extreme = blk[np.arange(n), np.abs(blk).argmax(1)]
+        s = (extreme / -half).astype(np.float32)
+        scales[:, b] = s
+        s64 = np.where(s == 0, 1.0, s.astype(np.float64))
+        for j in range(lo, hi):
+            col = work[:, j]
+            qj = np.clip(np.rint(col / s64), -half, half - 1)
+            q[:, j] = (qj + half).astype(np.uint8)
+            err = (col - qj * s64) / hinv[j, j]
+            work[:, j + 1 :] -= np.outer(err, hinv[j, j + 1 :])
+    q = q.reshape(n, n_blocks, block)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return q, scales
+
+
+def calibration_hessians(
+    cfg: ModelConfig, weights: dict[str, np.ndarray], *, sequences: int = 8, length: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """X^T X of every linear layer's inputs on text the float model writes itself (sampled,
+    seeded), so int4 GPTQ needs no data set and never sees the parity text. Runs the float32
+    graph in onnxruntime with the linear inputs as extra outputs."""
+    import onnxruntime as ort
+
+    onnx = _require_onnx()
+    names: dict[str, str] = {}
+    model = build_model(cfg, weights, linear_inputs=names)
+    for tensor in dict.fromkeys(names.values()):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    length = min(length, cfg.context_length)
+    empty = np.zeros((sequences, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+    past_names = [i.name for i in sess.get_inputs()][3:]
+    n_present = 2 * cfg.num_layers
+    ids = np.full((sequences, 1), cfg.bos_token_id, dtype=np.int64)
+    past = [empty] * len(past_names)
+    tokens = ids
+    for t in range(length - 1):
+        feeds = {
+            ONNX_INPUT_IDS: tokens,
+            ONNX_ATTENTION_MASK: np.ones((sequences, t + 1), dtype=np.int64),
+            ONNX_POSITION_IDS: np.full((sequences, 1), t, dtype=np.int64),
+            **dict(zip(past_names, past, strict=True)),
+        }
+        out = sess.run(None, feeds)
+        past = out[1 : 1 + n_present]
+        logits = out[0][:, -1].astype(np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        cum = np.cumsum(p, -1)
+        u = rng.random((sequences, 1))
+        tokens = np.minimum((cum < u * cum[:, -1:]).sum(-1), cfg.vocab_size - 1)[:, None].astype(np.int64)
+        ids = np.concatenate([ids, tokens], axis=1)
+    feeds = {
+        ONNX_INPUT_IDS: ids,
+        ONNX_ATTENTION_MASK: np.ones_like(ids),
+        ONNX_POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
+        **dict.fromkeys(past_names, empty),
+    }
+    extra = [o.name for o in sess.get_outputs()][1 + n_present :]
+    values = dict(zip(extra, sess.run(extra, feeds), strict=True))
+    hessians = {}
+    for linear, tensor in names.items():
+        x = values[tensor].reshape(-1, values[tensor].shape[-1]).astype(np.float64)
+        hessians[linear] = x.T @ x
+    return hessians
+
+
 def int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric blockwise int8 along K for DequantizeLinear: int8 (N, K), scales (N, n_blocks)."""
     packed, scales = quantize_blockwise(w, 8, block)
@@ -178,11 +272,16 @@ def build_model(
     quantize: str = "none",
     opset: int = DEFAULT_OPSET,
     last_logits_only: bool = False,
+    hessians: dict[str, np.ndarray] | None = None,
+    linear_inputs: dict[str, str] | None = None,
 ) -> Any:
     """The ONNX ModelProto for ``weights`` (checkpoint names, float32).
 
     ``last_logits_only`` builds the runtime's decode flavour: same inputs and names, but ``logits``
     is [batch, 1, vocab] (the last position), which skips the head for every prompt token but one.
+    ``hessians`` (linear node name -> X^T X of its inputs) switches int4 layer weights from
+    round-to-nearest to GPTQ; ``linear_inputs``, when given, is filled with linear node name -> the
+    name of its input tensor (how ``calibration_hessians`` finds what to record).
     """
     onnx = _require_onnx()
     from onnx import TensorProto
@@ -213,12 +312,17 @@ def build_model(
     def linear(x: str, weight: np.ndarray, name: str) -> str:
         """x @ weight.T for a (out, in) weight: MatMul on float32, MatMulNBits when quantized."""
         n_out, k = weight.shape
+        if linear_inputs is not None:
+            linear_inputs[name] = x
         if not quant:
             return g.op("MatMul", [x, g.init(f"{name}.weight", weight.T)], name=name)
         if quantize == "int8":
             wt = g.op("Transpose", [int8_weight(weight, name)], name=f"{name}/weight_t", perm=[1, 0])
             return g.op("MatMul", [x, wt], name=name)
-        packed, scales = quantize_blockwise(weight, bits, block)
+        if hessians is not None and name in hessians:
+            packed, scales = gptq_blockwise(weight, hessians[name], bits, block)
+        else:
+            packed, scales = quantize_blockwise(weight, bits, block)
         return g.op(
             "MatMulNBits",
             [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.scales", scales.reshape(-1))],
@@ -589,14 +693,25 @@ def export_onnx(
     log("[1/4] loading checkpoint")
     ckpt = load_checkpoint(model)
     log(f"[2/4] building graph ({quantize}, opset {opset})")
-    proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset)
+    hessians = None
+    if quantize == "int4":
+        log("       calibrating int4 (GPTQ on text the float model samples itself)")
+        hessians = calibration_hessians(ckpt.config, ckpt.weights)
+    proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians)
     log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
     check_model(proto)
     data = proto.SerializeToString()
     log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
     sidecars = _sidecar_files(ckpt, out.name)
     if last_logits_graph:
-        fast = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, last_logits_only=True)
+        fast = build_model(
+            ckpt.config,
+            ckpt.weights,
+            quantize=quantize,
+            opset=opset,
+            last_logits_only=True,
+            hessians=hessians,
+        )
         check_model(fast)
         sidecars[last_logits_name(out.name)] = fast.SerializeToString()
     try:
