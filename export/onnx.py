@@ -300,7 +300,13 @@ def build_model(
         """Blockwise int8 bytes + DequantizeLinear: onnxruntime folds the float weight at load when
         the session sets session.disable_quant_qdq=1 (our runtime does), so compute stays float32
         (as accurate and as fast as the float graph) while the file holds one byte per weight."""
-        q, scales = int8_blocks(weight, block)
+        if hessians is not None and name in hessians:
+            packed, scales = gptq_blockwise(weight, hessians[name], 8, block)
+            q = (packed.reshape(weight.shape[0], -1)[:, : weight.shape[1]].astype(np.int16) - 128).astype(
+                np.int8
+            )
+        else:
+            q, scales = int8_blocks(weight, block)
         return g.op(
             "DequantizeLinear",
             [g.init(f"{name}.qweight", q), g.init(f"{name}.scales", scales)],
@@ -694,8 +700,8 @@ def export_onnx(
     ckpt = load_checkpoint(model)
     log(f"[2/4] building graph ({quantize}, opset {opset})")
     hessians = None
-    if quantize == "int4":
-        log("       calibrating int4 (GPTQ on text the float model samples itself)")
+    if quantize in ("int8", "int4"):
+        log(f"       calibrating {quantize} (GPTQ on text the float model samples itself)")
         hessians = calibration_hessians(ckpt.config, ckpt.weights)
     proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians)
     log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
