@@ -373,3 +373,10 @@ def test_cli_parity_prints_table_and_exits_1_when_a_bound_fails(peaky: Path, mon
     assert len(failed) == 1 and "text top-1 agreement" in failed[0]
     assert any(line.startswith("ok  greedy 64 tokens identical") for line in lines)
     assert any(line.startswith("ok  context edge positions 370-383") for line in lines)
+
+
+def test_exported_files_get_the_usual_permissions(peaky_onnx: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in peaky_onnx.parent.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
