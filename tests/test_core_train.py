@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def test_sigkilled_run_resumes_and_never_leaves_a_half_written_checkpoint(
             time.sleep(0.02)
         # A random moment after the first snapshot: snapshot writes happen every 5 steps, so
         # over the test's history the kill lands both inside and outside of them.
-        time.sleep(random.uniform(0.0, 0.4))
+        time.sleep(random.uniform(0.0, 0.25))
         proc.send_signal(signal.SIGKILL)
     finally:
         _, stderr = proc.communicate(timeout=60)
@@ -205,6 +206,95 @@ def test_sigkilled_run_resumes_and_never_leaves_a_half_written_checkpoint(
     assert worst <= 1e-4, worst
     straight, resumed = _losses(straight_run), _losses(out)
     assert max(abs(straight[s] - resumed[s]) for s in straight) <= 1e-4
+
+
+FS_OPS = ((os, "replace"), (os, "rename"), (shutil, "copyfile"), (shutil, "rmtree"), (os, "unlink"))
+SWEEP = {
+    "max_steps": 3,
+    "ckpt_every": 1,
+    "eval_every": 100,
+    "log_every": 1,
+    "keep_snapshots": 1,
+    "progress": False,
+}
+
+
+def _die_in_child(out: Path, data: Path, die_at: int | None, log: Path | None = None) -> int:
+    """Train in a forked child that calls os._exit (no cleanup, like SIGKILL) just before its
+    ``die_at``-th file-system operation; with ``log``, record the operations instead."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            count = [0]
+            for mod, name in FS_OPS:
+                real = getattr(mod, name)
+
+                def wrapped(*a, _real=real, _name=name, **k):
+                    count[0] += 1
+                    if log is not None:
+                        with open(log, "a") as fh:
+                            fh.write(f"{_name} {a[0] if _name in ('rmtree', 'unlink') else a[-1]}\n")
+                    if count[0] == die_at:
+                        os._exit(137)
+                    return _real(*a, **k)
+
+                setattr(mod, name, wrapped)
+            train(preset_config("tiny", data=[str(data)], out=str(out), **SWEEP))
+        except BaseException:
+            code = 1
+        os._exit(code)
+    deadline = time.time() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the forked training run hung")
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_death_at_each_checkpoint_write_leaves_only_whole_checkpoints(tmp_path, tiny_text) -> None:
+    """Deterministic complement to the SIGKILL test: die just before each rename/replace that
+    publishes a snapshot, mirrors it to the top level or prunes an old one, in the first two
+    saves (the first fills an empty top level, the second overwrites and prunes). Everything on
+    disk must load, and resuming must end exactly where an uninterrupted run ends."""
+    ref, log = tmp_path / "ref", tmp_path / "ops.txt"
+    assert _die_in_child(ref, tiny_text, None, log) == 0
+    final = load_checkpoint(ref).weights
+    ops = log.read_text().splitlines()
+    second_prune = [i for i, op in enumerate(ops) if op.startswith("rmtree")][0]
+    # Operations inside a snapshot's temporary directory all happen before the snapshot exists:
+    # dying before its rename covers them. Dying before a copyfile equals dying after the
+    # preceding replace. loss.png is not part of a checkpoint.
+    points = [
+        i + 1
+        for i, op in enumerate(ops[: second_prune + 1])
+        if op.split(" ")[0] in ("rename", "replace", "rmtree")
+        and "data-cache" not in op
+        and "loss.png" not in op
+        and ("/.tmp-" not in op or "delete" in op)
+    ]
+    # And in the middle of deleting the pruned snapshot (two of its files gone, the rest not).
+    points.append([i + 1 for i, op in enumerate(ops) if i > second_prune and op.startswith("unlink")][2])
+    assert len(points) >= 10, ops
+    for n in points:
+        where = ops[n - 1]
+        out = tmp_path / f"die-{n}"
+        assert _die_in_child(out, tiny_text, n) == 137, f"did not die before {where}"
+        try:
+            _loadable_everywhere(out)
+        except GptsError as exc:
+            raise AssertionError(f"died before {where}: {exc}") from None
+        resume = bool(list((out / "checkpoints").glob("step-*")))
+        train(preset_config("tiny", data=[str(tiny_text)], out=str(out), resume=resume, **SWEEP))
+        _loadable_everywhere(out)
+        got = load_checkpoint(out).weights
+        worst = max(float(np.abs(final[k] - got[k]).max()) for k in final)
+        assert worst <= WEIGHT_TOL, f"died before {where}: resumed weights differ by {worst}"
+        assert not list((out / "checkpoints").glob(".tmp-*")), f"died before {where}: temp dir left"
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -235,6 +235,9 @@ class Trainer:
         snaps = _snapshots(self.out)
         if not snaps:
             raise GptsError(f"{self.out}: --resume given but no checkpoint snapshot is there")
+        if self.rank == 0:  # temporary directories of a run that was killed while saving
+            for stale in (self.out / "checkpoints").glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         snap = snaps[-1]
         state = json.loads((snap / STATE_FILE).read_text())
         saved_cfg = ModelConfig.load(snap / CONFIG_FILE)
@@ -309,7 +312,11 @@ class Trainer:
             shutil.copyfile(final / name, tmpf)
             os.replace(tmpf, self.out / name)
         for old in _snapshots(self.out)[: -self.tc.keep_snapshots]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of sight first: a kill during rmtree must not leave a half-deleted
+            # snapshot that still looks like one.
+            doomed = old.with_name(f".tmp-delete-{old.name}")
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # -- steps --
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
