@@ -136,6 +136,10 @@ window.gpts = {
     }
     return { promptIds: ids, tokens, firstLogits: first, stats };
   },
+  async defaults() {
+    const m = await window.gpts.ready;
+    return optionsFromGenerationConfig(m.generation);
+  },
   greedy(prompt, maxNewTokens) {
     const opts = { temperature: 0, top_k: 0, top_p: 1, repetition_penalty: 1, no_repeat_ngram_size: 0,
       max_new_tokens: maxNewTokens, stop_at_eos: false };

@@ -1,6 +1,7 @@
 """Decode tokens/s of the browser page in headless Chromium (onnxruntime-web, WASM).
 
     python examples/browser/bench.py [--model FOLDER ...] [--threads 1 2] [--tokens 200] [--repeats 3] [--native]
+    python examples/browser/bench.py --steps 16 128 383 [--model FOLDER ...] [--threads 1] [--native]
 
 Each model folder is served by `gpts-edge web`'s server; the page's own generation loop runs
 greedy decoding from a fixed prompt, and the median decode rate (prefill excluded) is printed
@@ -54,8 +55,85 @@ def measure(browser, url: str, tokens: int, repeats: int) -> dict:
         rates.append(1000 * r["stats"]["decodeSteps"] / r["stats"]["decodeMs"])
         prefill.append(r["stats"]["prefillMs"])
         steps += r["stats"]["stepMs"]
+    # Sampling with the model's defaults (top-p 0.95 over 4,096 ids, penalties), timed end to end.
+    sampled = []
+    for seed in range(repeats):
+        ms = page.evaluate(
+            """async ([p, n, seed]) => {
+                 const m = await window.gpts.ready;
+                 const t0 = performance.now();
+                 let k = 0;
+                 for await (const _ of m.generate(m.tokenizer.encode(p), {...(await window.gpts.defaults()), max_new_tokens: n,
+                                                  stop_at_eos: false}, {seed})) k++;
+                 return (performance.now() - t0) / k;
+               }""",
+            [PROMPT, tokens, seed],
+        )
+        sampled.append(1000 / ms)
     page.close()
-    return _row(rates, steps) | {"prefill_ms": round(statistics.median(prefill), 1), "status": status}
+    return _row(rates, steps) | {
+        "prefill_ms": round(statistics.median(prefill), 1),
+        "sampled_tokens_per_s_wall": round(statistics.median(sampled), 1),
+        "status": status,
+    }
+
+
+STEP_JS = """async ([past, n]) => {
+  const m = await window.gpts.ready;
+  const ids = Array.from({length: past}, (_, i) => 100 + (i % 50));
+  const {cache} = await m.step(ids, m.newCache());
+  const times = [];
+  for (let i = 0; i < n; i++) {
+    const t0 = performance.now();
+    await m.step([5], cache);  // the same cache each time: one step after `past` tokens
+    times.push(performance.now() - t0);
+  }
+  return times;
+}"""
+
+
+def measure_steps(browser, url: str, pasts: list[int], n: int = 200) -> list[dict]:
+    """One decode step after a fixed number of cached tokens, n times: the minimum is the figure a
+    busy machine disturbs least."""
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("window.gpts !== undefined")
+    page.evaluate("window.gpts.ready.then(() => true)")
+    rows = []
+    for past in pasts:
+        times = page.evaluate(STEP_JS, [past, n])
+        rows.append(
+            {
+                "past": past,
+                "min_step_ms": round(min(times), 3),
+                "median_step_ms": round(statistics.median(times), 3),
+            }
+        )
+    page.close()
+    return rows
+
+
+def measure_native_steps(onnx_file: Path, pasts: list[int], n: int = 200) -> list[dict]:
+    import numpy as np
+    from gpts_edge.runtimes.onnx import OnnxRuntime
+
+    rt = OnnxRuntime(onnx_file.parent, threads=1)
+    rows = []
+    for past in pasts:
+        _, cache = rt.step(np.asarray([100 + i % 50 for i in range(past)]), rt.new_cache())
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            rt.step(np.asarray([5]), cache)
+            times.append(1000 * (time.perf_counter() - t0))
+        rows.append(
+            {
+                "past": past,
+                "min_step_ms": round(min(times), 3),
+                "median_step_ms": round(statistics.median(times), 3),
+            }
+        )
+    return rows
 
 
 def measure_native(onnx_file: Path, tokens: int, repeats: int) -> dict:
@@ -109,12 +187,29 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--native", action="store_true", help="also time Python onnxruntime (CPU, 1 thread)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        nargs="*",
+        metavar="PAST",
+        help="instead: time single decode steps after PAST cached tokens (e.g. 16 128 383)",
+    )
     a = ap.parse_args()
     results = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         for model in a.model or [None]:
             with WebServer(model, port=0, log=lambda _m: None) as server:
+                if a.steps:
+                    for threads in a.threads:
+                        for row in measure_steps(browser, f"{server.url}?threads={threads}", a.steps):
+                            row.update(model=str(server.onnx_file), runtime=f"wasm, {threads} thread(s)")
+                            print(json.dumps(row), flush=True)
+                    if a.native:
+                        for row in measure_native_steps(server.onnx_file, a.steps):
+                            row.update(model=str(server.onnx_file), runtime="python onnxruntime, 1 thread")
+                            print(json.dumps(row), flush=True)
+                    continue
                 for threads in a.threads:
                     t0 = time.time()
                     row = measure(browser, f"{server.url}?threads={threads}", a.tokens, a.repeats)

@@ -94,9 +94,9 @@ export class OnnxModel {
     const out = await this.session.run(feeds);
     const kv = [];
     for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
-    for (const t of cache.kv) t.dispose?.();
+    // CPU tensors need no dispose(): the garbage collector frees them, and a cache stays
+    // usable after a step (a caller may branch from it).
     const logits = out.logits.data.slice((T - 1) * this.vocab, T * this.vocab);
-    out.logits.dispose?.();
     return { logits, cache: { length: past + T, kv } };
   }
 
@@ -130,7 +130,6 @@ export class OnnxModel {
       if (filled + 1 > this.context) {
         const keep = history.slice(-Math.floor((this.context * 3) / 4));
         stats.slid = true;
-        for (const t of cache.kv) t.dispose?.();
         ({ logits, cache } = await this.step(keep, this.newCache()));
         filled = keep.length;
       } else {
