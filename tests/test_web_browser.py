@@ -188,10 +188,12 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
         output = page.inner_text("#output")
         stats = page.inner_text("#stats")
         mutations = page.evaluate("window.__mutations")
+        isolated = page.evaluate("crossOriginIsolated")  # the COOP/COEP headers took effect
         shot = tmp_path / "browser.png"
         page.screenshot(path=str(shot), full_page=True)
         page.close()
     assert output == prompt + expected
+    assert isolated, "page is not cross-origin isolated: WASM threads would be unavailable"
     assert mutations >= 10, f"the output changed {mutations} times; expected token-by-token updates"
     # Offline: every request of the page went to the local server (no CDN).
     assert requested and all(u.startswith(server.url) for u in requested), requested
