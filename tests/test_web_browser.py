@@ -165,19 +165,24 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
     from gpts_edge.generation import generate_text, sampling_options
 
     prompt = "The little robot opened the door and"
-    max_new = 48
+    max_new, seed = 48, 3
     rt = onnx_runtime.OnnxRuntime(bundled_onnx)
-    # Greedy with the page's other defaults (from generation_config.json: repetition penalty,
-    # no-repeat-ngram) so the text does not depend on either side's random numbers.
-    opts = sampling_options(rt.generation_config, greedy=True, max_new_tokens=max_new)
-    expected = "".join(generate_text(rt, prompt, opts))
+    # Sampling with the model's defaults (temperature 0.8, top-p 0.95, penalties): the page draws
+    # numpy's default_rng(seed) numbers, so it must write what `gpts-edge generate --seed 3` writes.
+    opts = sampling_options(rt.generation_config, max_new_tokens=max_new)
+    expected = "".join(generate_text(rt, prompt, opts, seed=seed))
+    greedy = "".join(
+        generate_text(rt, prompt, sampling_options(rt.generation_config, greedy=True, max_new_tokens=max_new))
+    )
+    assert expected != greedy  # the check below is about sampling, not argmax
     with WebServer(bundled_onnx, port=0, log=lambda _m: None) as server:
         requested: list[str] = []
         page = _open_page(browser, server.url, requested)
         page.fill("#prompt", "")
         page.type("#prompt", prompt)
-        page.check("#greedy")
+        page.uncheck("#greedy")
         page.fill("#max_new_tokens", str(max_new))
+        page.fill("#seed", str(seed))
         # Count the output's changes: streaming means many small updates, not one at the end.
         page.evaluate(
             "window.__mutations = 0; new MutationObserver(() => window.__mutations++)"

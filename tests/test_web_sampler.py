@@ -19,8 +19,8 @@ GOLDEN = REPO / "tests" / "golden" / "sampling.json"
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node (Node.js) is not installed")
 
 
-def _run_js(cases: list[dict], sums: list[list[float]] | None = None) -> dict:
-    request = json.dumps({"cases": cases, "sums": sums or []})
+def _run_js(cases: list[dict], sums: list[list[float]] | None = None, rngs: list[dict] | None = None) -> dict:
+    request = json.dumps({"cases": cases, "sums": sums or [], "rngs": rngs or []})
     proc = subprocess.run(
         ["node", str(REPO / "tests/js/sample_cases.mjs")],
         input=request,
@@ -118,6 +118,13 @@ def test_js_probability_sum_rounds_like_numpy() -> None:
     got = _run_js([], [a.tolist() for a in arrays])["sums"]
     assert got == [float(a.sum()) for a in arrays]
     assert any(float(a.sum()) != sum(a.tolist()) for a in arrays)  # the test can tell the two apart
+
+
+def test_js_random_draws_equal_numpy_default_rng() -> None:
+    # Same seed, same draws: with the same logits the page writes the same text as `--seed`.
+    seeds = [0, 1, 7, 42, 2**31 - 1, 2**32, 2**32 + 5, 123456789012, 2**53 - 1]
+    got = _run_js([], rngs=[{"seed": s, "n": 500} for s in seeds])["draws"]
+    assert got == [np.random.default_rng(s).random(500).tolist() for s in seeds]
 
 
 def test_js_sampler_bans_everything_then_falls_back_to_raw_argmax() -> None:

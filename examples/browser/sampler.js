@@ -182,18 +182,67 @@ export function sample(logits, opts, history, u) {
   return idx;
 }
 
-/**
- * Seeded uniform draws in [0, 1) with 53 random bits (splitmix64). The same seed gives the
- * same text in the browser; it is not numpy's generator, so it differs from `--seed` in Python.
- */
+// numpy's np.random.default_rng(seed).random(), bit for bit: SeedSequence turns the seed into
+// 128 bits of state and increment, PCG64 (XSL-RR) makes 64-bit words, random() keeps the top 53.
+// So a seed gives the same draws, and with the same logits the same text, as Python's --seed.
+const M32 = 0xffffffffn;
+const MASK128 = (1n << 128n) - 1n;
+const PCG_MULT = 0x2360ed051fc65da44385df649fccf645n;
+
+function seedSequenceWords(seed, nWords32) {
+  const mul32 = (a, b) => (a * b) & M32;
+  let entropy = [];
+  for (let v = BigInt(seed); v > 0n; v >>= 32n) entropy.push(v & M32);
+  if (!entropy.length) entropy = [0n];
+  const pool = [0n, 0n, 0n, 0n];
+  let hashConst = 0x43b0d7e5n;
+  const hashmix = (value) => {
+    value ^= hashConst;
+    hashConst = mul32(hashConst, 0x931e8875n);
+    value = mul32(value, hashConst);
+    return value ^ (value >> 16n);
+  };
+  const mix = (x, y) => {
+    const r = (((0xca01f9ddn * x) & M32) - ((0x4973f715n * y) & M32)) & M32;
+    return r ^ (r >> 16n);
+  };
+  for (let i = 0; i < 4; i++) pool[i] = hashmix(i < entropy.length ? entropy[i] : 0n);
+  for (let src = 0; src < 4; src++) {
+    for (let dst = 0; dst < 4; dst++) if (src !== dst) pool[dst] = mix(pool[dst], hashmix(pool[src]));
+  }
+  for (let src = 4; src < entropy.length; src++) {
+    for (let dst = 0; dst < 4; dst++) pool[dst] = mix(pool[dst], hashmix(entropy[src]));
+  }
+  const words = [];
+  hashConst = 0x8b51f9ddn;
+  for (let i = 0; i < nWords32; i++) {
+    let v = pool[i % 4] ^ hashConst;
+    hashConst = mul32(hashConst, 0x58f38dedn);
+    v = mul32(v, hashConst);
+    words.push(v ^ (v >> 16n));
+  }
+  return words;
+}
+
+/** Uniform draws in [0, 1), identical to numpy's `np.random.default_rng(seed).random()`. */
 export function makeRng(seed) {
-  let state = BigInt.asUintN(64, BigInt(seed));
+  if (!(Number.isSafeInteger(seed) && seed >= 0)) throw new Error(`seed: expected an integer in 0..2^53-1, found ${seed}`);
+  const w = seedSequenceWords(seed, 8);
+  const u64 = (k) => w[2 * k] | (w[2 * k + 1] << 32n); // uint32 pairs read as little-endian uint64
+  const initState = (u64(0) << 64n) | u64(1);
+  const inc = (((u64(2) << 64n) | u64(3)) << 1n | 1n) & MASK128;
+  let state = 0n;
+  const step = () => {
+    state = (state * PCG_MULT + inc) & MASK128;
+  };
+  step();
+  state = (state + initState) & MASK128;
+  step();
   return () => {
-    state = BigInt.asUintN(64, state + 0x9e3779b97f4a7c15n);
-    let z = state;
-    z = BigInt.asUintN(64, (z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n);
-    z = BigInt.asUintN(64, (z ^ (z >> 27n)) * 0x94d049bb133111ebn);
-    z ^= z >> 31n;
-    return Number(z >> 11n) / 2 ** 53;
+    step();
+    const rot = state >> 122n;
+    const x = ((state >> 64n) ^ state) & 0xffffffffffffffffn;
+    const out = ((x >> rot) | (x << ((64n - rot) & 63n))) & 0xffffffffffffffffn;
+    return Number(out >> 11n) / 2 ** 53;
   };
 }
