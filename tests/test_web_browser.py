@@ -7,6 +7,7 @@ its own browser download is not used) and `npm ci --prefix examples/browser`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -87,7 +88,7 @@ def _open_page(browser: object, url: str, requested: list[str] | None = None) ->
 def _python_greedy(folder: Path, prompt: str, n: int) -> tuple[list[int], list[int], np.ndarray]:
     rt = onnx_runtime.OnnxRuntime(folder)
     ids = rt.tokenizer.encode(prompt).ids
-    first, _ = rt.step(np.asarray(ids, dtype=np.int64), rt.new_cache())
+    first, _ = rt.step(np.asarray(ids[-rt.config.context_length :], dtype=np.int64), rt.new_cache())
     opts = SamplingOptions(
         temperature=0.0,
         top_p=1.0,
@@ -120,6 +121,11 @@ def test_page_greedy_tokens_and_first_logits_equal_python_onnx_runtime(
     with WebServer(folder, port=0, log=lambda _m: None) as server:
         page = _open_page(browser, server.url)
         got = page.evaluate("([p, n]) => window.gpts.greedy(p, n)", [PROMPT, n])
+        if which == "tiny":  # a prompt longer than the 64-token context keeps its last 64 tokens
+            long_prompt = " ".join([PROMPT] * 10)
+            long_got = page.evaluate("([p, n]) => window.gpts.greedy(p, n)", [long_prompt, 20])
+            assert long_got["stats"]["truncated"] and long_got["stats"]["promptTokens"] == 64
+            assert long_got["tokens"] == _python_greedy(folder, long_prompt, 20)[1]
         page.close()
     assert got["promptIds"] == ids
     assert got["tokens"] == expected
@@ -211,3 +217,24 @@ def test_user_types_a_prompt_clicks_generate_and_text_streams_in(
     # For the README: GPTS_EDGE_SCREENSHOT=docs/browser.png keeps the picture.
     if os.environ.get("GPTS_EDGE_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["GPTS_EDGE_SCREENSHOT"])
+
+
+def test_page_reports_a_broken_model_folder_in_one_line(
+    browser: object, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_onnx, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["head_dim"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with WebServer(broken, port=0, log=lambda _m: None) as server:
+        page = browser.new_page()
+        page.goto(server.url)
+        page.wait_for_function(
+            "document.querySelector('#status').textContent.startsWith('error')", timeout=30_000
+        )
+        status = page.inner_text("#status")
+        disabled = page.is_disabled("#generate")
+        page.close()
+    assert status == "error: config.json: field head_dim: expected an integer, found undefined"
+    assert disabled

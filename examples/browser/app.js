@@ -40,7 +40,9 @@ function showStats(stats, generated, firstAt) {
   const model = stats.decodeSteps ? (1000 * stats.decodeSteps) / stats.decodeMs : 0;
   $("stats").textContent =
     `${generated} tokens · ${tps.toFixed(1)} tokens/s (model steps alone ${model.toFixed(1)} tokens/s) · ` +
-    `prefill ${stats.promptTokens} tokens in ${stats.prefillMs.toFixed(0)} ms${stats.slid ? " · context full, window slid" : ""}`;
+    `prefill ${stats.promptTokens} tokens in ${stats.prefillMs.toFixed(0)} ms` +
+    (stats.truncated ? ` · prompt cut to its last ${stats.promptTokens} tokens (context length)` : "") +
+    (stats.slid ? " · context full, window slid" : "");
 }
 
 async function onGenerate(event) {

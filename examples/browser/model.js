@@ -110,11 +110,12 @@ export class OnnxModel {
     let ids = promptIds.length ? [...promptIds] : [EOS_ID];
     const bad = ids.find((t) => !(t >= 0 && t < this.vocab));
     if (bad !== undefined) throw new Error(`token id ${bad} is outside the vocabulary (expected 0..${this.vocab - 1})`);
-    if (ids.length > this.context) ids = ids.slice(-this.context);
+    const truncated = ids.length > this.context;
+    if (truncated) ids = ids.slice(-this.context);
     draw ??= makeRng(seed);
     const history = [...ids];
     // stepMs keeps each decode step's time: its median shows the speed even on a busy machine.
-    Object.assign(stats, { promptTokens: ids.length, prefillMs: 0, decodeMs: 0, decodeSteps: 0, stepMs: [], slid: false });
+    Object.assign(stats, { promptTokens: ids.length, truncated, prefillMs: 0, decodeMs: 0, decodeSteps: 0, stepMs: [], slid: false });
     let t0 = performance.now();
     let { logits, cache } = await this.step(ids, this.newCache());
     stats.prefillMs = performance.now() - t0;
