@@ -55,6 +55,9 @@ def test_installed_console_script_runs() -> None:
 
 # --- generate -----------------------------------------------------------------------------------
 def _generate(ckpt: Path, *args: str):
+    # The PyTorch reference runtime explicitly: the CLI's default runtime may be another one.
+    if "--runtime" not in args:
+        args = (*args, "--runtime", "torch")
     return _invoke("generate", *args, "--model", ckpt, "--max-new-tokens", "12")
 
 
@@ -120,5 +123,5 @@ def test_generate_bad_options_exit_2_with_one_line(tiny_checkpoint, args: list[s
 
 
 def test_generate_missing_model_is_a_clear_error(tmp_path) -> None:
-    result = _invoke("generate", "Hi", "--model", tmp_path / "nope")
+    result = _invoke("generate", "Hi", "--runtime", "torch", "--model", tmp_path / "nope")
     assert result.exit_code == 2 and "no such checkpoint directory" in result.stderr
