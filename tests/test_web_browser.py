@@ -155,12 +155,15 @@ def test_page_samples_like_python_given_the_same_random_draws(browser: object, b
         )
     )
     with WebServer(bundled_onnx, port=0, log=lambda _m: None) as server:
-        page = _open_page(browser, server.url)
+        # Two WASM threads: the worker scripts load from /ort/ under the COOP/COEP headers.
+        page = _open_page(browser, server.url + "?threads=2")
         got = page.evaluate(
             "([p, n, d]) => window.gpts.generate(p, {max_new_tokens: n}, d)",
             [PROMPT, opts.max_new_tokens, draws],
         )
+        info = page.inner_text("#info")
         page.close()
+    assert "WASM, 2 thread(s), cross-origin isolated" in info
     assert got["tokens"] == expected
     assert len(set(expected)) > 20  # really sampled text, not a loop of one token
 
