@@ -269,3 +269,30 @@ def test_plain_onnxruntime_example_matches_the_runtime_greedy(
     ids = [t for t in generate_ids(rt, rt.tokenizer.encode("The river").ids, opts)]
     ids = ids[: ids.index(0)] if 0 in ids else ids
     assert res.stdout == rt.tokenizer.decode(ids) + "\n"
+
+
+def test_onnxruntime_genai_runs_the_export_with_identical_greedy_tokens(
+    exported: Path, rt: OnnxRuntime
+) -> None:
+    """genai_config.json is read by the real onnxruntime-genai (optional: skipped when absent)."""
+    from gpts_edge.generation import generate_ids
+    from gpts_edge.sampling import SamplingOptions
+
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(exported))
+    ids = og.Tokenizer(model).encode("The river")
+    params = og.GeneratorParams(model)
+    params.set_search_options(
+        do_sample=False, max_length=len(ids) + 16, repetition_penalty=1.0, no_repeat_ngram_size=0
+    )
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    opts = SamplingOptions(
+        temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=16, stop_at_eos=False
+    )
+    want = list(generate_ids(rt, [int(t) for t in ids], opts))
+    assert got[: len(want)] == want[: len(got)] and len(got) >= 8
