@@ -62,6 +62,9 @@ if [ ! -e "$ROOT/.gpts-stage2-done" ]; then
     "${NICE[@]}" chroot "$ROOT" /debootstrap/debootstrap --second-stage >&2
     touch "$ROOT/.gpts-stage2-done"
 fi
+# /proc and /sys are deliberately not bound into the root: onnxruntime's cpuinfo then warns
+# "cpuinfo_initialize failed" and uses its baseline aarch64 (NEON) kernels, whereas with the
+# host's (x86) /proc and /sys both bound it crashed under qemu-user (SIGSEGV). A real Pi has its own.
 arm_py_tag=$(chroot "$ROOT" /usr/bin/python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 [ "$(chroot "$ROOT" /usr/bin/uname -m)" = aarch64 ] || die "the root does not run as aarch64"
 
