@@ -32,13 +32,23 @@ def sampling_options(
 ) -> SamplingOptions:
     """Defaults from generation_config.json, then explicit overrides (None = keep default)."""
     g = generation_config
+
+    def field(key: str, kind: type, default: Any) -> Any:
+        value = g.get(key, default)
+        # bool is an int subclass; a JSON true/false here is a mistake, not 1/0.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if value is None and kind is int:
+                return 0
+            raise GptsError(f"generation_config.json: field {key}: expected a number, found {value!r}")
+        return kind(value)
+
     values = {
-        "temperature": float(g.get("temperature", 0.8)) if g.get("do_sample", True) else 0.0,
-        "top_k": int(g.get("top_k", 0) or 0),
-        "top_p": float(g.get("top_p", 1.0)),
-        "repetition_penalty": float(g.get("repetition_penalty", 1.0)),
-        "no_repeat_ngram_size": int(g.get("no_repeat_ngram_size", 0) or 0),
-        "max_new_tokens": int(g.get("max_new_tokens", 80)),
+        "temperature": field("temperature", float, 0.8) if g.get("do_sample", True) else 0.0,
+        "top_k": field("top_k", int, 0),
+        "top_p": field("top_p", float, 1.0),
+        "repetition_penalty": field("repetition_penalty", float, 1.0),
+        "no_repeat_ngram_size": field("no_repeat_ngram_size", int, 0),
+        "max_new_tokens": field("max_new_tokens", int, 80),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if greedy:

@@ -125,3 +125,16 @@ def test_generate_bad_options_exit_2_with_one_line(tiny_checkpoint, args: list[s
 def test_generate_missing_model_is_a_clear_error(tmp_path) -> None:
     result = _invoke("generate", "Hi", "--runtime", "torch", "--model", tmp_path / "nope")
     assert result.exit_code == 2 and "no such checkpoint directory" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["hot", None, True, [0.8]])
+def test_bad_generation_config_value_is_a_clear_error(tmp_path, tiny_checkpoint, value) -> None:
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["temperature"] = value
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    result = _generate(d, "Hi")
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("error: generation_config.json: field temperature: expected a number")
