@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ def sampling_options(
     def field(key: str, kind: type, default: Any) -> Any:
         value = g.get(key, default)
         # bool is an int subclass; a JSON true/false here is a mistake, not 1/0.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             if value is None and kind is int:
                 return 0
             raise GptsError(f"generation_config.json: field {key}: expected a number, found {value!r}")
