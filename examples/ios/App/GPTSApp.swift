@@ -11,7 +11,7 @@ struct GPTSApp: App {
     var body: some Scene { WindowGroup { ContentView() } }
 }
 
-@MainActor
+// Published state changes only on the main queue (DispatchQueue.main.async); the model runs on `queue`.
 final class Generator: ObservableObject {
     @Published var text = ""
     @Published var status = "loading model…"
