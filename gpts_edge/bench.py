@@ -357,10 +357,10 @@ class _LlamaCppRuntime:
         return 0
 
     def step(self, tokens, cache):
-        import numpy as np
-
         self.llm.eval([int(t) for t in tokens])
-        return np.asarray(self.llm.eval_logits[-1]), cache + len(tokens)
+        # Only the last row of `scores` is written when logits_all is off; `eval_logits` would
+        # copy every row into Python lists on each call.
+        return self.llm.scores[self.llm.n_tokens - 1], cache + len(tokens)
 
 
 def _worker(name: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
@@ -391,16 +391,27 @@ def _worker(name: str, path: str, threads: int, prompt_tokens: int, new_tokens: 
     t0 = time.perf_counter()
     rt.step(long_prompt, rt.new_cache())
     prefill = (time.perf_counter() - t0) * 1000
-    import resource
-
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "decode_tokens_per_s": new_tokens / decode_s,
         "prefill_ms_384": prefill,
         "ttft_ms": ttft,
         "cold_start_ms": cold,
-        "peak_rss_mb": rss_kb / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss on Linux carries the
+    parent's peak across fork + exec, which would charge the parent's torch to every worker."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _prompt_ids(n: int) -> list[int]:
