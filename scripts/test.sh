@@ -9,8 +9,15 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # constraints.txt pins torch to the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q -c constraints.txt -e ".[all]"
-if command -v npm >/dev/null && [ -f examples/browser/package-lock.json ]; then
-  npm ci --prefix examples/browser --ignore-scripts --no-audit --no-fund --loglevel=error
+# JavaScript test dependencies (onnxruntime-web for the page, transformers.js + onnxruntime-node
+# for the compatibility test). --ignore-scripts: onnxruntime-node's install script downloads
+# binaries; the package already ships the linux-x64 one.
+if command -v npm >/dev/null; then
+  for d in examples/browser tests/js/transformersjs; do
+    if [ -f "$d/package-lock.json" ]; then
+      npm ci --prefix "$d" --ignore-scripts --no-audit --no-fund --loglevel=error
+    fi
+  done
 fi
 ruff check .
 ruff format --check .
