@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gpts_edge.checkpoint import default_model_dir
-from gpts_edge.sampling import SamplingOptions, sample
+from gpts_edge.sampling import SamplingOptions, generate_tokens, sample
 from gpts_edge.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +92,61 @@ def _cases(seed: int = 0) -> list[tuple[np.ndarray, SamplingOptions, list[int], 
     return cases
 
 
+TOY_VOCAB, TOY_CONTEXT = 64, 16
+
+
+def _opts_json(o: SamplingOptions) -> dict:
+    return {
+        "temperature": float(o.temperature),
+        "top_k": float(o.top_k),
+        "top_p": float(o.top_p),
+        "repetition_penalty": float(o.repetition_penalty),
+        "no_repeat_ngram_size": float(o.no_repeat_ngram_size),
+        "max_new_tokens": float(o.max_new_tokens),
+    }
+
+
+def _toy_step(tokens: np.ndarray, cache: int) -> tuple[np.ndarray, int]:
+    """The same toy model as Check.kt: exact integer arithmetic of (last id, cache length)."""
+    length = cache + len(tokens)
+    assert length <= TOY_CONTEXT
+    j = np.arange(TOY_VOCAB, dtype=np.int64)
+    logits = ((j * 7919 + int(tokens[-1]) * 104729 + length * 31) % 1000).astype(np.float32) / np.float32(100)
+    return logits, length
+
+
+def _loop_cases() -> list[tuple[SamplingOptions, list[int], list[float]]]:
+    rng = np.random.default_rng(5)
+    cases = []
+    for k, o in enumerate(
+        [
+            SamplingOptions(
+                temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=40
+            ),
+            SamplingOptions(temperature=0.0, max_new_tokens=40),
+            SamplingOptions(temperature=0.9, top_k=10, top_p=0.9, max_new_tokens=40),
+            SamplingOptions(temperature=2.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=60),
+        ]
+    ):
+        prompt = [int(t) for t in rng.integers(1, TOY_VOCAB, size=3 + 7 * k)]  # k=3: longer than the context
+        cases.append((o, prompt, [float(u) for u in rng.random(o.max_new_tokens)]))
+    return cases
+
+
+def _python_loop(o: SamplingOptions, prompt: list[int], draws: list[float]) -> list[int]:
+    return list(
+        generate_tokens(
+            _toy_step,
+            lambda: 0,
+            prompt,
+            o,
+            context_length=TOY_CONTEXT,
+            vocab_size=TOY_VOCAB,
+            draws=iter(draws),
+        )
+    )
+
+
 def _run(check_jar: Path, tmp_path: Path, request: dict) -> dict:
     req = tmp_path / "request.json"
     req.write_text(json.dumps(request), encoding="utf-8")
@@ -112,13 +167,7 @@ def test_kotlin_tokenizer_sampler_and_rng_match_python(check_jar: Path, tmp_path
         "cases": [
             {
                 "logits": [float(v) for v in logits],
-                "opts": {
-                    "temperature": float(o.temperature),
-                    "top_k": float(o.top_k),
-                    "top_p": float(o.top_p),
-                    "repetition_penalty": float(o.repetition_penalty),
-                    "no_repeat_ngram_size": float(o.no_repeat_ngram_size),
-                },
+                "opts": _opts_json(o),
                 "history": history,
                 "u": u,
             }
@@ -126,6 +175,16 @@ def test_kotlin_tokenizer_sampler_and_rng_match_python(check_jar: Path, tmp_path
         ],
         "seed": 1234,
         "n_draws": 5,
+        "loops": [
+            {
+                "opts": _opts_json(o),
+                "prompt": prompt,
+                "draws": draws,
+                "vocab": TOY_VOCAB,
+                "context": TOY_CONTEXT,
+            }
+            for o, prompt, draws in _loop_cases()
+        ],
     }
     got = _run(check_jar, tmp_path, request)
 
@@ -140,5 +199,10 @@ def test_kotlin_tokenizer_sampler_and_rng_match_python(check_jar: Path, tmp_path
     # The cases must exercise more than argmax: sampled picks differ from the greedy ones.
     greedy = [int(np.argmax(logits)) for logits, *_ in cases]
     assert sum(g != w for g, w in zip(greedy, want_tokens, strict=True)) >= 10
+
+    want_loops = [_python_loop(o, prompt, draws) for o, prompt, draws in _loop_cases()]
+    assert got["loops"] == want_loops
+    # 40+ tokens in a 16-token context: every loop slid its window at least once (or hit EOS).
+    assert all(len(t) > TOY_CONTEXT or t[-1:] == [0] for t in want_loops)
 
     assert got["draws"] == _splitmix64(1234, 5)
