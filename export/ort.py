@@ -147,10 +147,8 @@ def export_ort(
         log(f"[ort 3/3] writing {out} ({ORT_FILE}: {size:,} bytes)")
         # Swap in the new folder: the old one (if any) moves aside first, so `out` is only ever
         # absent between two renames, never half-written.
-        old = None
         if out.exists():
-            old = scratch / "old"
-            os.replace(out, old)
+            os.replace(out, scratch / "old")  # removed with the scratch folder below
         os.replace(final, out)
     except OSError as exc:
         raise GptsError(f"{out}: cannot write the ORT export ({exc.strerror or exc})") from None
