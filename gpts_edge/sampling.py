@@ -7,7 +7,8 @@ of the new token ids, ``logits`` the float scores of the next token after the la
 Order of operations in ``sample`` (fixed; the JS port follows it exactly), all in float64:
   1. repetition penalty on every token id in ``history`` (HF rule: positive logits / r,
      negative logits * r)
-  2. no-repeat-ngram: ban each token that would complete an n-gram already in ``history``
+  2. no-repeat-ngram: ban each token that would complete an n-gram already in ``history``;
+     if nothing is left, return the raw argmax of ``logits``
   3. greedy (temperature == 0): argmax, lowest id wins ties
   4. divide by temperature
   5. top-k: keep the k largest (ties at the boundary are kept)
@@ -81,6 +82,8 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
         x[ids] = np.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
     for t in banned_ngram_tokens(history, opts.no_repeat_ngram_size):
         x[t] = -np.inf
+    if not np.isfinite(x).any():  # everything banned: the raw argmax rather than fail
+        return int(np.argmax(logits))
     if opts.greedy:
         return int(np.argmax(x))
     x = x / opts.temperature
@@ -88,7 +91,7 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
         kth = np.partition(x, -opts.top_k)[-opts.top_k]
         x[x < kth] = -np.inf
     finite = np.isfinite(x)
-    if not finite.any():  # everything banned: fall back to the raw argmax rather than fail
+    if not finite.any():  # e.g. a tiny temperature overflowed every logit
         return int(np.argmax(logits))
     p = np.zeros_like(x)
     p[finite] = np.exp(x[finite] - x[finite].max())

@@ -130,6 +130,13 @@ HAND_CASES: list[tuple[str, list[float], dict, list[int], float]] = [
         0.3,
     ),
     (
+        "greedy, everything banned: fall back to the raw argmax",
+        [0.5, 2.0, 1.0],
+        {"temperature": 0.0, "no_repeat_ngram_size": 1},
+        [0, 1, 2],
+        0.3,
+    ),
+    (
         "all steps together: penalty, ngram ban, temperature, top-k, top-p",
         [2.0, 2.0, 1.0, 0.0, 3.0, -1.0],
         {"temperature": 0.7, "top_k": 4, "top_p": 0.9, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2},

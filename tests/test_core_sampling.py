@@ -42,6 +42,8 @@ def reference_sample(logits: list[float], o: dict, history: list[int], u: float)
         for i in range(len(history) - n + 1):
             if history[i : i + n - 1] == tail:
                 x[history[i + n - 1]] = -math.inf
+    if all(v == -math.inf for v in x):
+        return max(range(len(logits)), key=lambda i: (logits[i], -i))
     if o["temperature"] == 0:
         return max(range(len(x)), key=lambda i: (x[i], -i))
     x = [v / o["temperature"] for v in x]

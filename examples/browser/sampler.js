@@ -132,6 +132,8 @@ export function sample(logits, opts, history, u) {
   }
   // 2. no-repeat-ngram
   for (const t of bannedNgramTokens(history, opts.no_repeat_ngram_size)) x[t] = -Infinity;
+  // everything banned: the raw argmax rather than fail
+  if (!x.some(Number.isFinite)) return argmax(logits);
   // 3. greedy
   if (opts.temperature === 0) return argmax(x);
   // 4. temperature
