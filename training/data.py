@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +53,91 @@ def is_prepared(path: Path) -> bool:
     return path.is_dir() and meta.is_file() and json.loads(meta.read_text()).get("format") == TOKENS_FORMAT
 
 
+# The card's five hub sources (repository, config, weight); `--data card-mix` names all five.
+CARD_SOURCES: dict[str, tuple[str, str | None, float]] = {
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", 0.15),
+    "cosmopedia-v2": ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", 0.30),
+    "fineweb-hq": ("epfml/FineWeb-HQ", None, 0.20),
+    "ultra-fineweb-qa": ("openbmb/Ultra-FineWeb-L3", "Ultra-FineWeb-L3-en-QA-Synthetic", 0.20),
+    "ultra-fineweb-multi-style": (
+        "openbmb/Ultra-FineWeb-L3",
+        "Ultra-FineWeb-L3-en-Multi-Style-Synthetic",
+        0.15,
+    ),
+}
+HUB_DOCUMENTS = 200_000  # documents streamed from each hub source
+
+
+def expand_card_mix(specs: list[str]) -> list[str]:
+    """``card-mix`` -> the five ``card:NAME:WEIGHT`` sources of the model card."""
+    out = []
+    for spec in specs:
+        if spec == "card-mix":
+            out += [f"card:{name}:{w}" for name, (_, _, w) in CARD_SOURCES.items()]
+        else:
+            out.append(spec)
+    return out
+
+
+def _hub_documents(spec: str, limit: int) -> Iterator[str]:
+    """Stream documents of ``hf:REPO[#CONFIG]`` or ``card:NAME`` from the Hugging Face hub.
+
+    Fails at once with a clear message when `datasets` is missing or the hub is unreachable,
+    rather than hanging in retries."""
+    if spec.startswith("card:"):
+        name = spec.removeprefix("card:")
+        if name not in CARD_SOURCES:
+            raise GptsError(f"--data {spec}: unknown card source; choose from {', '.join(CARD_SOURCES)}")
+        repo, config, _ = CARD_SOURCES[name]
+    else:
+        repo, _, config = spec.removeprefix("hf:").partition("#")
+        config = config or None
+    try:
+        import datasets
+    except ImportError:
+        raise GptsError(
+            f"--data {spec}: hub sources need the `datasets` package (pip install datasets)"
+        ) from None
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError as exc:
+        raise GptsError(
+            f"--data {spec}: the Hugging Face hub is unreachable ({exc}); use local files"
+        ) from None
+    stream = datasets.load_dataset(repo, config, split="train", streaming=True)
+
+    def documents() -> Iterator[str]:
+        for i, row in enumerate(stream):
+            if i >= limit:
+                return
+            text = row.get("text") or row.get("content")
+            if isinstance(text, str) and text:
+                yield text
+
+    return documents()
+
+
 def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
     """Tokenize one raw source into ``cache_dir/<key>/`` unless it is there already."""
     path = Path(spec)
     if is_prepared(path):
         return path
-    files = expand_paths(spec)
-    key_src = json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files])
+    hub = spec.startswith(("hf:", "card:"))
+    if hub:
+        key_src = json.dumps([spec, HUB_DOCUMENTS])
+        files: list[Path] = []
+    else:
+        files = expand_paths(spec)
+        key_src = json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files])
     key = hashlib.sha256((key_src + tokenizer_hash(tokenizer_json)).encode()).hexdigest()[:16]
     out = cache_dir / key
     if is_prepared(out):
         return out
     tok = load_tokenizer(tokenizer_json)
+    # Checked before anything is written, so a missing package or network leaves no temp dir.
+    documents = _hub_documents(spec, HUB_DOCUMENTS) if hub else (t for f in files for t in iter_documents(f))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -82,11 +156,15 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
                 n_doc += 1
             batch.clear()
 
-        for f in files:
-            for text in iter_documents(f):
-                batch.append(text)
-                if len(batch) >= 512:
-                    flush()
+        documents = (
+            _hub_documents(spec, HUB_DOCUMENTS)
+            if not files
+            else (t for f in files for t in iter_documents(f))
+        )
+        for text in documents:
+            batch.append(text)
+            if len(batch) >= 512:
+                flush()
         flush()
     if counts["val"] == 0:  # a single small document: hold out its tail instead
         train = np.fromfile(tmp / "train.bin", dtype=np.uint16)
@@ -116,6 +194,7 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
 def load_sources(specs: list[str], tokenizer_json: Path, cache_dir: Path, seq_len: int) -> list[Source]:
     if not specs:
         raise GptsError("--data: give at least one training source")
+    specs = expand_card_mix(specs)
     sources = []
     for spec in specs:
         path, weight = parse_data_spec(spec)
