@@ -55,6 +55,12 @@ BITS = {"int8": 8, "int4": 4}
 MODEL_FILE = "model.onnx"
 GENAI_FILE = "genai_config.json"
 CONFIG_FILE = "config.json"
+# Graph flavours: "compatible" is the export with the standard I/O names and growing KV tensors;
+# "decode" is the runtime's fast step graph (model.decode.onnx), see build_model.
+FLAVOURS = ("compatible", "decode")
+DECODE_SEQLENS_K = "seqlens_k"  # int32 [1]: total length - 1 (GroupQueryAttention's convention)
+DECODE_TOTAL_LENGTH = "total_sequence_length"  # int32 scalar: cached + new tokens
+DECODE_LAYOUT = "batch 1, shared fixed-size KV buffer updated in place, last-position logits"
 XSA_EPS = 1e-12  # the same clamp as gpts_edge.model.XSA_EPS (not imported: that module needs torch)
 
 
@@ -274,6 +280,7 @@ def build_model(
     last_logits_only: bool = False,
     hessians: dict[str, np.ndarray] | None = None,
     linear_inputs: dict[str, str] | None = None,
+    flavour: str = "compatible",
 ) -> Any:
     """The ONNX ModelProto for ``weights`` (checkpoint names, float32).
 
@@ -282,7 +289,15 @@ def build_model(
     ``hessians`` (linear node name -> X^T X of its inputs) switches int4 layer weights from
     round-to-nearest to GPTQ; ``linear_inputs``, when given, is filled with linear node name -> the
     name of its input tensor (how ``calibration_hessians`` finds what to record).
+
+    ``flavour="decode"`` builds the graph the project's own runtime steps with (see DECODE_DOC):
+    batch 1, no padding, a fixed-size KV buffer per layer that onnxruntime's GroupQueryAttention
+    updates in place, rotary inside the attention node, and the last position's logits only.
     """
+    if flavour not in FLAVOURS:
+        raise GptsError(f"flavour: expected one of {', '.join(FLAVOURS)}, found {flavour!r}")
+    decode = flavour == "decode"
+    last_logits_only = last_logits_only or decode
     onnx = _require_onnx()
     from onnx import TensorProto
 
@@ -359,24 +374,29 @@ def build_model(
     g.init("const.split_qkv", np.array([(nh + nkv) * hd, nkv * hd], dtype=np.int64))
     g.init("const.split_qk", np.array([nh * hd, nkv * hd], dtype=np.int64))
     g.init("const.split_ff", np.array([f, f], dtype=np.int64))
+    if decode:
+        g.init("const.xsa_gamma", np.full(hd, 1 / np.sqrt(hd), dtype=np.float32))
+        g.init("const.v_start", np.array([(nh + nkv) * hd], dtype=np.int64))
+        g.init("const.v_end", np.array([(nh + 2 * nkv) * hd], dtype=np.int64))
 
-    # Attention mask (B, 1, S, past+S): key j visible to query i when j <= i (causal) and j is not
-    # padding; a query always sees itself so a padding row never softmaxes over nothing. This is
-    # gpts_edge.model's rule, built once per call.
-    seq = g.op("Shape", [ONNX_INPUT_IDS], name="mask/seq_len", start=1, end=2)
-    total = g.op("Shape", [ONNX_ATTENTION_MASK], name="mask/total_len", start=1, end=2)
-    past = g.op("Sub", [total, seq], name="mask/past_len")
-    total_s = g.op("Squeeze", [total], name="mask/total_scalar")
-    past_s = g.op("Squeeze", [past], name="mask/past_scalar")
-    k_pos = g.op("Range", ["const.zero", total_s, "const.one"], name="mask/key_pos")
-    q_pos = g.op("Range", [past_s, total_s, "const.one"], name="mask/query_pos")
-    q_col = g.op("Unsqueeze", [q_pos, "const.axis1"], name="mask/query_col")
-    causal = g.op("LessOrEqual", [k_pos, q_col], name="mask/causal")
-    itself = g.op("Equal", [k_pos, q_col], name="mask/self")
-    real = g.op("Cast", [ONNX_ATTENTION_MASK], name="mask/not_padding", to=TensorProto.BOOL)
-    real4 = g.op("Unsqueeze", [real, "const.axes01"], name="mask/not_padding_4d")
-    visible = g.op("And", [causal, real4], name="mask/visible")
-    mask = g.op("Or", [visible, itself], name="mask/bool")
+    if not decode:
+        # Attention mask (B, 1, S, past+S): key j visible to query i when j <= i (causal) and j is not
+        # padding; a query always sees itself so a padding row never softmaxes over nothing. This is
+        # gpts_edge.model's rule, built once per call.
+        seq = g.op("Shape", [ONNX_INPUT_IDS], name="mask/seq_len", start=1, end=2)
+        total = g.op("Shape", [ONNX_ATTENTION_MASK], name="mask/total_len", start=1, end=2)
+        past = g.op("Sub", [total, seq], name="mask/past_len")
+        total_s = g.op("Squeeze", [total], name="mask/total_scalar")
+        past_s = g.op("Squeeze", [past], name="mask/past_scalar")
+        k_pos = g.op("Range", ["const.zero", total_s, "const.one"], name="mask/key_pos")
+        q_pos = g.op("Range", [past_s, total_s, "const.one"], name="mask/query_pos")
+        q_col = g.op("Unsqueeze", [q_pos, "const.axis1"], name="mask/query_col")
+        causal = g.op("LessOrEqual", [k_pos, q_col], name="mask/causal")
+        itself = g.op("Equal", [k_pos, q_col], name="mask/self")
+        real = g.op("Cast", [ONNX_ATTENTION_MASK], name="mask/not_padding", to=TensorProto.BOOL)
+        real4 = g.op("Unsqueeze", [real, "const.axes01"], name="mask/not_padding_4d")
+        visible = g.op("And", [causal, real4], name="mask/visible")
+        mask = g.op("Or", [visible, itself], name="mask/bool")
 
     # Token embedding (tied with the head).
     emb = w("model.embed_tokens.weight")
@@ -425,25 +445,75 @@ def build_model(
             axis=0,
         )
         qkv = linear(normed, wqkv, f"{a}/qkv_proj")
-        qk, v = g.op("Split", [qkv, "const.split_qkv"], 2, name=f"{a}/split_qkv_v", axis=-1)
-        # One rotary node for q and k together: they share positions and tables.
-        qk = g.op(
-            "RotaryEmbedding",
-            [qk, "rope.cos", "rope.sin", ONNX_POSITION_IDS],
-            name=f"{a}/rotary",
-            num_heads=nh + nkv,
-        )
-        q, k = g.op("Split", [qk, "const.split_qk"], 2, name=f"{a}/split_q_k", axis=-1)
-        y = g.op(
-            "Attention",
-            [q, k, v, mask, ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i)],
-            3,
-            name=f"{a}/attention",
-            q_num_heads=nh,
-            kv_num_heads=nkv,
-            outputs=[f"{a}/y", ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i)],
-        )[0]
-        if cfg.exclusive_attention:
+        if decode:
+            # Packed q|k|v straight from the MatMul; rotary and the in-place KV write happen inside
+            # GroupQueryAttention, whose present.* outputs are bound to the past.* buffers.
+            y = g.op(
+                "GroupQueryAttention",
+                [
+                    qkv,
+                    "",
+                    "",
+                    ONNX_PAST_KEY.format(i=i),
+                    ONNX_PAST_VALUE.format(i=i),
+                    DECODE_SEQLENS_K,
+                    DECODE_TOTAL_LENGTH,
+                    "rope.cos",
+                    "rope.sin",
+                ],
+                3,
+                name=f"{a}/attention",
+                domain="com.microsoft",
+                num_heads=nh,
+                kv_num_heads=nkv,
+                do_rotary=1,
+                outputs=[f"{a}/y", ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i)],
+            )[0]
+            v = g.op("Slice", [qkv, "const.v_start", "const.v_end", "const.axis_last"], name=f"{a}/v")
+        else:
+            qk, v = g.op("Split", [qkv, "const.split_qkv"], 2, name=f"{a}/split_qkv_v", axis=-1)
+            # One rotary node for q and k together: they share positions and tables.
+            qk = g.op(
+                "RotaryEmbedding",
+                [qk, "rope.cos", "rope.sin", ONNX_POSITION_IDS],
+                name=f"{a}/rotary",
+                num_heads=nh + nkv,
+            )
+            q, k = g.op("Split", [qk, "const.split_qk"], 2, name=f"{a}/split_q_k", axis=-1)
+            y = g.op(
+                "Attention",
+                [q, k, v, mask, ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i)],
+                3,
+                name=f"{a}/attention",
+                q_num_heads=nh,
+                kv_num_heads=nkv,
+                outputs=[f"{a}/y", ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i)],
+            )[0]
+        if cfg.exclusive_attention and decode:
+            # z = y - (y.u) u with u = v / sqrt(v.v + eps): one RMSNormalization (scale 1/sqrt(hd),
+            # epsilon eps/hd) makes u, so XSA is 9 nodes instead of 11. It equals the
+            # reference's division by max(v.v, eps) up to eps / v.v (1e-12 relative), and both
+            # leave y unchanged when v = 0.
+            y5 = g.op("Reshape", [y, "const.shape_y5"], name=f"{a}/xsa/y_grouped")
+            v_row = g.op("Reshape", [v, "const.shape_vrow"], name=f"{a}/xsa/v_row")
+            u = g.op(
+                "RMSNormalization",
+                [v_row, "const.xsa_gamma"],
+                name=f"{a}/xsa/v_unit",
+                axis=-1,
+                epsilon=XSA_EPS / hd,
+                stash_type=1,
+            )
+            yu = g.op(
+                "ReduceSum",
+                [g.op("Mul", [y5, u], name=f"{a}/xsa/y_times_u"), "const.axis_last"],
+                name=f"{a}/xsa/y_dot_u",
+                keepdims=1,
+            )
+            proj = g.op("Mul", [yu, u], name=f"{a}/xsa/projection")
+            z5 = g.op("Sub", [y5, proj], name=f"{a}/xsa/exclusive")
+            y = g.op("Reshape", [z5, "const.shape_y3"], name=f"{a}/xsa/heads")
+        elif cfg.exclusive_attention:
             # z = y - (y.v / max(v.v, eps)) v per query head, v from this call's tokens.
             y5 = g.op("Reshape", [y, "const.shape_y5"], name=f"{a}/xsa/y_grouped")
             v_row = g.op("Reshape", [v, "const.shape_vrow"], name=f"{a}/xsa/v_row")
@@ -529,27 +599,30 @@ def build_model(
         head = g.op("Transpose", ["embed.weight"], name="lm_head/weight_t", perm=[1, 0])
         g.op("MatMul", [normed, head], name="lm_head", outputs=[ONNX_LOGITS])
 
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    inputs = [
-        h.make_tensor_value_info(ONNX_INPUT_IDS, i64, ["batch_size", "sequence_length"]),
-        h.make_tensor_value_info(ONNX_ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
-        h.make_tensor_value_info(ONNX_POSITION_IDS, i64, ["batch_size", "sequence_length"]),
-    ]
-    logits_seq = 1 if last_logits_only else "sequence_length"
-    outputs = [h.make_tensor_value_info(ONNX_LOGITS, f32, ["batch_size", logits_seq, V])]
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    if decode:
+        inputs = [
+            h.make_tensor_value_info(ONNX_INPUT_IDS, i64, [1, "sequence_length"]),
+            h.make_tensor_value_info(DECODE_SEQLENS_K, i32, [1]),
+            h.make_tensor_value_info(DECODE_TOTAL_LENGTH, i32, []),
+        ]
+        kv_shape: list[Any] = [1, nkv, "max_sequence_length", hd]
+        logits_shape: list[Any] = [1, 1, V]
+    else:
+        inputs = [
+            h.make_tensor_value_info(ONNX_INPUT_IDS, i64, ["batch_size", "sequence_length"]),
+            h.make_tensor_value_info(ONNX_ATTENTION_MASK, i64, ["batch_size", "total_sequence_length"]),
+            h.make_tensor_value_info(ONNX_POSITION_IDS, i64, ["batch_size", "sequence_length"]),
+        ]
+        kv_shape = ["batch_size", nkv, "past_sequence_length", hd]
+        logits_shape = ["batch_size", 1 if last_logits_only else "sequence_length", V]
+    present_shape = kv_shape if decode else ["batch_size", nkv, "total_sequence_length", hd]
+    outputs = [h.make_tensor_value_info(ONNX_LOGITS, f32, logits_shape)]
     for i in range(cfg.num_layers):
         for name in (ONNX_PAST_KEY, ONNX_PAST_VALUE):
-            inputs.append(
-                h.make_tensor_value_info(
-                    name.format(i=i), f32, ["batch_size", nkv, "past_sequence_length", hd]
-                )
-            )
+            inputs.append(h.make_tensor_value_info(name.format(i=i), f32, kv_shape))
         for name in (ONNX_PRESENT_KEY, ONNX_PRESENT_VALUE):
-            outputs.append(
-                h.make_tensor_value_info(
-                    name.format(i=i), f32, ["batch_size", nkv, "total_sequence_length", hd]
-                )
-            )
+            outputs.append(h.make_tensor_value_info(name.format(i=i), f32, present_shape))
     graph = h.make_graph(g.nodes, "gpts", inputs, outputs, g.inits)
     model = h.make_model(
         graph,
@@ -559,7 +632,8 @@ def build_model(
         ir_version=10,
     )
     model.doc_string = f"GPT-S (XGQA) decoder with KV cache; weights {quantize}"
-    meta = {"gpts.quantize": quantize, "gpts.layout": "prefill+decode, left padding via attention_mask"}
+    layout = DECODE_LAYOUT if decode else "prefill+decode, left padding via attention_mask"
+    meta = {"gpts.quantize": quantize, "gpts.layout": layout, "gpts.flavour": flavour}
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -686,11 +760,14 @@ def export_onnx(
     opset: int | None = None,
     log: Callable[[str], None] = print,
     last_logits_graph: bool = False,
+    decode_graph: bool = False,
 ) -> Path:
     """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files.
 
     ``last_logits_graph`` also writes ``<name>.last_logits.onnx``, the flavour whose ``logits`` hold
-    only the last position; gpts_edge.runtimes.onnx uses it for generation when it is present.
+    only the last position; ``decode_graph`` also writes ``<name>.decode.onnx``, the runtime's
+    fast step flavour (``build_model(flavour="decode")``). gpts_edge.runtimes.onnx steps with the
+    decode flavour when present, else with the last-logits one, else with the full graph.
     """
     if quantize not in QUANTIZATIONS:
         raise GptsError(
@@ -728,6 +805,12 @@ def export_onnx(
         )
         check_model(fast)
         sidecars[last_logits_name(out.name)] = fast.SerializeToString()
+    if decode_graph:
+        dec = build_model(
+            ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians, flavour="decode"
+        )
+        check_model(dec)
+        sidecars[decode_name(out.name)] = dec.SerializeToString()
     try:
         # The model goes last, so a folder holding model.onnx always holds its sidecars too.
         for name, content in sidecars.items():
@@ -740,6 +823,10 @@ def export_onnx(
 
 def last_logits_name(model_file: str) -> str:
     return f"{Path(model_file).stem}.last_logits.onnx"
+
+
+def decode_name(model_file: str) -> str:
+    return f"{Path(model_file).stem}.decode.onnx"
 
 
 def _sidecar_files(ckpt: Checkpoint, model_file: str) -> dict[str, bytes]:
@@ -764,7 +851,7 @@ def export_to_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, last_logits_graph=True)
+        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, decode_graph=True)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -37,12 +37,15 @@ from gpts_edge.tokenizer import load_tokenizer
 
 MODEL_FILE = "model.onnx"
 ORT_MODEL_FILE = "model.ort"
+# The decode flavour (gpts_edge.export.onnx, flavour="decode"): batch-1 steps over a fixed-size KV
+# buffer that GroupQueryAttention updates in place; preferred for `step` when it is present.
+DECODE_SUFFIX = ".decode.onnx"
 CONFIG_FILE = "config.json"
 # A 1.4M-parameter model is too small for a thread pool to pay off: one thread is fastest per
 # token on edge CPUs and leaves the other cores to the application.
 DEFAULT_THREADS = 1
 # Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def _find_model_file(path: Path) -> Path:
@@ -76,6 +79,81 @@ class OnnxCache:
     length: int
 
 
+class _KVBuffer:
+    """One preallocated KV buffer (layers, key|value, 1, kv heads, context, head dim) that the
+    decode graph reads and writes in place. ``version`` counts the steps written into it, so a
+    cache that is no longer the newest one of its buffer is detected and copied before use."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.array = np.empty(shape, dtype=np.float32)  # positions >= length are never read
+        self.version = 0
+
+
+@dataclass
+class OnnxDecodeCache:
+    """The KV cache of the decode flavour: ``length`` positions of ``buffer`` as of ``version``."""
+
+    buffer: _KVBuffer
+    length: int
+    version: int
+
+
+class _DecodeStepper:
+    """Runs the decode graph with IO binding: the KV buffer, the logits and the two length scalars
+    are bound once and reused, so a step allocates no tensors and copies no cache."""
+
+    def __init__(self, session: Any, cfg: ModelConfig) -> None:
+        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
+
+        self.session = session
+        self.cfg = cfg
+        self.shape = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
+        self.io = session.io_binding()
+        self.ids = np.zeros((1, cfg.context_length), dtype=np.int64)
+        self.seqlens_k = np.zeros(1, dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.logits = np.zeros((1, 1, cfg.vocab_size), dtype=np.float32)
+        self.io.bind_input(DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
+        self.io.bind_input(DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
+        self.io.bind_output(
+            ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, cfg.vocab_size], self.logits.ctypes.data
+        )
+        self._bound: _KVBuffer | None = None
+        self._bound_n = 0
+
+    def _bind_kv(self, buf: _KVBuffer) -> None:
+        shape = list(self.shape[2:])
+        for i in range(self.cfg.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                ptr = buf.array[i, j].ctypes.data
+                self.io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+                self.io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        self._bound = buf
+
+    def step(self, ids: np.ndarray, cache: OnnxDecodeCache) -> tuple[np.ndarray, OnnxDecodeCache]:
+        buf = cache.buffer
+        if cache.version != buf.version:
+            # Someone stepped on from this cache's buffer already: branch off into a copy. Positions
+            # below cache.length are still this cache's (the buffer only grows past them in place).
+            fresh = _KVBuffer(self.shape)
+            fresh.array[..., : cache.length, :] = buf.array[..., : cache.length, :]
+            buf = fresh
+        if buf is not self._bound:
+            self._bind_kv(buf)
+        n = ids.shape[1]
+        total = cache.length + n
+        self.ids[0, :n] = ids[0]
+        if n != self._bound_n:
+            self.io.bind_input(ONNX_INPUT_IDS, "cpu", 0, np.int64, [1, n], self.ids.ctypes.data)
+            self._bound_n = n
+        self.seqlens_k[0] = total - 1
+        self.total[...] = total
+        self.session.run_with_iobinding(self.io)
+        buf.version += 1
+        # A copy: the bound logits buffer is overwritten by the next step.
+        return self.logits[0, 0].copy(), OnnxDecodeCache(buf, total, buf.version)
+
+
 class OnnxRuntime:
     """The Runtime protocol of gpts_edge.generation over one onnxruntime session."""
 
@@ -101,18 +179,58 @@ class OnnxRuntime:
         # Lets constant folding turn int8 DequantizeLinear weights into float32 once at load instead
         # of dequantizing them on every call (the int8 export relies on it for its speed).
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        self.session = self._open(ort, self.model_path, opts)
-        self._check_io(self.session, self.model_path)
-        # The decode flavour (logits of the last position only), when the export wrote one.
-        fast = self.model_path.with_name(f"{self.model_path.stem}.last_logits.onnx")
-        self.step_session = self.session
-        if fast.is_file():
-            self.step_session = self._open(ort, fast, opts)
-            self._check_io(self.step_session, fast)
+        self._ort, self._opts = ort, opts
+        self._session: Any = None
         cfg = self.config
+        decode = self.model_path.with_name(f"{self.model_path.stem}{DECODE_SUFFIX}")
+        self._decoder: _DecodeStepper | None = None
+        if decode.is_file():
+            # The full graph is then needed only for forward_logits (scoring): opened on first use,
+            # which keeps cold start and memory to one session for generation.
+            self.step_session = self._open(ort, decode, opts)
+            self._check_decode_io(self.step_session, decode)
+            self._decoder = _DecodeStepper(self.step_session, cfg)
+        else:
+            # The last-logits flavour (same I/O as the full graph), when the export wrote one.
+            fast = self.model_path.with_name(f"{self.model_path.stem}.last_logits.onnx")
+            self.step_session = self.session
+            if fast.is_file():
+                self.step_session = self._open(ort, fast, opts)
+                self._check_io(self.step_session, fast)
         self._input_names, self._output_names = onnx_io_names(cfg)
         self._past_names = self._input_names[3:]
         self._empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+
+    @property
+    def session(self) -> Any:
+        """The full graph's session (scoring, and steps when there is no decode flavour)."""
+        if self._session is None:
+            self._session = self._open(self._ort, self.model_path, self._opts)
+            self._check_io(self._session, self.model_path)
+        return self._session
+
+    def _check_decode_io(self, session: Any, path: Path) -> None:
+        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
+
+        cfg = self.config
+        _, want_out = onnx_io_names(cfg)
+        want_in = [ONNX_INPUT_IDS, DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH, *onnx_io_names(cfg)[0][3:]]
+        found_in = [i.name for i in session.get_inputs()]
+        found_out = [o.name for o in session.get_outputs()]
+        if sorted(found_in) != sorted(want_in) or sorted(found_out) != sorted(want_out):
+            raise GptsError(
+                f"{path}: decode graph inputs/outputs do not match config.json ({cfg.num_layers} "
+                f"layers): expected {len(want_in)} inputs and {len(want_out)} outputs, found "
+                f"{len(found_in)} and {len(found_out)}"
+            )
+        for inp in session.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                shape = list(inp.shape)
+                if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
+                    raise GptsError(
+                        f"{path}: input {inp.name}: expected shape "
+                        f"[1, {cfg.num_kv_heads}, max_sequence_length, {cfg.head_dim}], found {shape}"
+                    )
 
     @staticmethod
     def _open(ort: Any, path: Path, opts: Any) -> Any:
@@ -148,7 +266,9 @@ class OnnxRuntime:
 
     # --- Runtime protocol ------------------------------------------------------------------------
 
-    def new_cache(self) -> OnnxCache:
+    def new_cache(self) -> OnnxCache | OnnxDecodeCache:
+        if self._decoder is not None:
+            return OnnxDecodeCache(_KVBuffer(self._decoder.shape), 0, 0)
         return OnnxCache([self._empty] * len(self._past_names), 0)
 
     def _check_ids(self, ids: np.ndarray) -> None:
@@ -158,10 +278,14 @@ class OnnxRuntime:
                 f"token id {bad} is outside the vocabulary (expected 0..{self.config.vocab_size - 1})"
             )
 
-    def step(self, tokens: np.ndarray, cache: OnnxCache | None) -> tuple[np.ndarray, OnnxCache]:
+    def step(
+        self, tokens: np.ndarray, cache: OnnxCache | OnnxDecodeCache | None
+    ) -> tuple[np.ndarray, OnnxCache | OnnxDecodeCache]:
         """Run the new ``tokens`` (1-D) after ``cache``; returns the last position's logits."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
         cache = cache if cache is not None else self.new_cache()
+        if self._decoder is not None and not isinstance(cache, OnnxDecodeCache):
+            raise GptsError("step: expected a cache from this runtime's new_cache(), found another kind")
         n = ids.shape[1]
         if n == 0:
             raise GptsError("step: expected at least one token, found none")
@@ -172,12 +296,14 @@ class OnnxRuntime:
                 f"sequence of {total} tokens is longer than the context "
                 f"(expected at most {self.config.context_length})"
             )
+        if self._decoder is not None:
+            return self._decoder.step(ids, cache)  # type: ignore[arg-type]
         feeds = {
             ONNX_INPUT_IDS: ids,
             ONNX_ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
             ONNX_POSITION_IDS: np.arange(cache.length, total, dtype=np.int64)[None],
         }
-        feeds.update(zip(self._past_names, cache.past, strict=True))
+        feeds.update(zip(self._past_names, cache.past, strict=True))  # type: ignore[union-attr]
         out = self.step_session.run(self._output_names, feeds)
         return out[0][0, -1], OnnxCache(out[1:], total)
 
