@@ -64,6 +64,12 @@ DECODE_LAYOUT = "batch 1, shared fixed-size KV buffer updated in place, last-pos
 XSA_EPS = 1e-12  # the same clamp as gpts_edge.model.XSA_EPS (not imported: that module needs torch)
 
 
+def decode_supported(cfg: ModelConfig) -> bool:
+    """Whether the decode flavour can run: onnxruntime's CPU GroupQueryAttention kernel refuses
+    head sizes that are not a multiple of 16 (GPT-S-1.4M has 32)."""
+    return cfg.head_dim % 16 == 0
+
+
 def _require_onnx() -> Any:
     try:
         import onnx
@@ -297,6 +303,11 @@ def build_model(
     if flavour not in FLAVOURS:
         raise GptsError(f"flavour: expected one of {', '.join(FLAVOURS)}, found {flavour!r}")
     decode = flavour == "decode"
+    if decode and not decode_supported(cfg):
+        raise GptsError(
+            f"decode flavour: onnxruntime's GroupQueryAttention needs head_dim a multiple of 16, "
+            f"found {cfg.head_dim}"
+        )
     last_logits_only = last_logits_only or decode
     onnx = _require_onnx()
     from onnx import TensorProto
@@ -796,6 +807,11 @@ def export_onnx(
     data = proto.SerializeToString()
     log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
     sidecars = _sidecar_files(ckpt, out.name)
+    if decode_graph and not decode_supported(ckpt.config):
+        log(
+            f"       no decode graph: head_dim {ckpt.config.head_dim} is not a multiple of 16; last-logits graph instead"
+        )
+        decode_graph, last_logits_graph = False, True
     if last_logits_graph:
         fast = build_model(
             ckpt.config,

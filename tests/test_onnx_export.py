@@ -364,13 +364,14 @@ def test_cli_parity_prints_table_and_exits_1_when_a_bound_fails(peaky: Path, mon
     from gpts_edge import cli
 
     # One real run (a full parity run costs seconds): every genuine check passes, and an impossible
-    # top-1 bound (> 100%) must turn into a FAIL row and exit code 1.
+    # top-1 bound (> 100%) must turn into FAIL rows (full-window and token-by-token scoring) and
+    # exit code 1.
     monkeypatch.setitem(onnx_parity.QUANT_BOUNDS, "none", (1e-8, 1.01))
     res = CliRunner().invoke(cli.app, ["parity", "--format", "onnx", "--model", str(peaky)])
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()
     failed = [line for line in lines if line.startswith("FAIL")]
-    assert len(failed) == 1 and "text top-1 agreement" in failed[0]
+    assert len(failed) == 2 and "text top-1 agreement" in failed[0] and "steps: top-1 agreement" in failed[1]
     assert any(line.startswith("ok  greedy 64 tokens identical") for line in lines)
     assert any(line.startswith("ok  context edge positions 370-383") for line in lines)
 
