@@ -69,9 +69,12 @@ def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prep
         from gpts_edge.export.onnx import export_onnx, parity_report
 
         quant = runtime.split("-")[1] if "-" in runtime else "none"
-        out = root / f"onnx-{quant}" / "model.onnx"
-        # The runtime steps with the decode flavour (model.decode.onnx) when the folder has it.
-        if not out.is_file() or not out.with_name("model.decode.onnx").is_file():
+        from gpts_edge.runtimes.onnx import CACHE_FORMAT
+
+        # Keyed by the exporter's graph version too, so a changed exporter is never benchmarked
+        # through a stale graph; the runtime steps with the decode flavour (model.decode.onnx).
+        out = root / f"onnx-{quant}-v{CACHE_FORMAT}" / "model.onnx"
+        if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             export_onnx(str(ckpt), out, quantize=quant, log=log, decode_graph=True)
         report = parity_report(str(ckpt), quantize=quant)

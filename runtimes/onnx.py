@@ -45,7 +45,7 @@ CONFIG_FILE = "config.json"
 # token on edge CPUs and leaves the other cores to the application.
 DEFAULT_THREADS = 1
 # Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def _find_model_file(path: Path) -> Path:
