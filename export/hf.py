@@ -24,10 +24,8 @@ with a small reader of its own, since numpy has no bfloat16 and a folder re-save
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,8 @@ from gpts_edge.checkpoint import (
     GENERATION_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    atomic_dir,
     load_checkpoint,
-    replace_dir,
     save_checkpoint,
 )
 from gpts_edge.config import ModelConfig
@@ -180,10 +178,7 @@ def export_hf(model: str | Path | None, output: str | Path, log: Callable[[str],
     for name in REMOTE_FILES:
         if not (REMOTE_DIR / name).is_file():
             raise GptsError(f"{REMOTE_DIR / name}: remote-code file missing from this installation")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # mkdtemp makes the folder private (0700); a model folder is meant to be shared.
-        os.chmod(tmp, 0o755)
+    with atomic_dir(out) as tmp:
         cfg = ckpt.config
         _write_json(tmp / CONFIG_FILE, hf_config_dict(cfg))
         for name in REMOTE_FILES:
@@ -194,13 +189,6 @@ def export_hf(model: str | Path | None, output: str | Path, log: Callable[[str],
         _write_json(tmp / TOKENIZER_CONFIG_FILE, hf_tokenizer_config(cfg))
         _write_json(tmp / GENERATION_FILE, hf_generation_config(ckpt.generation, cfg))
         (tmp / "README.md").write_text(_model_card(cfg))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} (transformers folder, trust_remote_code; {cfg.num_parameters:,} parameters, fp32)")
     return out
 

@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,9 +162,10 @@ def save_checkpoint(
     if not out.parent.is_dir():
         raise GptsError(f"{out.parent}: output directory does not exist")
     if not Path(tokenizer_json).is_file():
-        raise GptsError(f"{tokenizer_json}: file not found (expected the tokenizer.json to save with the weights)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+        raise GptsError(
+            f"{tokenizer_json}: file not found (expected the tokenizer.json to save with the weights)"
+        )
+    with atomic_dir(out) as tmp:
         cfg.save(tmp / CONFIG_FILE)
         # Sorted keys keep the file byte-identical for identical weights.
         save_file(dict(sorted(weights.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -171,14 +174,29 @@ def save_checkpoint(
         (tmp / GENERATION_FILE).write_text(json.dumps(gen, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success its files are synced and it is
+    renamed to ``out`` (replacing an old one), on any error or Ctrl-C it is removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if mode is None:  # mkdtemp's 0700 would make a model folder private; honour the umask
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o777 & ~umask
+        os.chmod(tmp, mode)
+        yield tmp
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def replace_dir(new: Path, target: Path) -> None:
