@@ -316,13 +316,17 @@ def bench(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Option(help="hellaswag | arc_easy | arc_challenge | piqa | mc | all (or a comma list)")],
+    task: Annotated[
+        str, typer.Option(help="hellaswag | arc_easy | arc_challenge | piqa | mc | all (or a comma list)")
+    ],
     data: Annotated[str, typer.Option(help="The task's file, or a folder holding the files (all tasks).")],
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
     runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "torch",
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
     batch_size: Annotated[int, typer.Option(help="Items (all their choices) per forward call.")] = 16,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON {task: {acc, acc_norm, n, ...}}.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON {task: {acc, acc_norm, n, ...}}.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show items done and items/s on stderr.")] = True,
 ) -> None:
     """Zero-shot multiple-choice accuracy (lm-evaluation-harness scoring); see docs/eval.md."""
