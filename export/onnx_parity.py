@@ -171,8 +171,6 @@ def parity_report(
 
     from gpts_edge.checkpoint import resolve_model_dir
 
-    if ort_format:
-        raise GptsError("--format ort: parity for the ORT format is not implemented yet (use --format onnx)")
     if quantize not in QUANTIZATIONS:
         raise GptsError(
             f"--quantize: unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}"
@@ -186,14 +184,27 @@ def parity_report(
     ckpt_dir = resolve_model_dir(model)
     ref = TorchRuntime(ckpt_dir, threads=threads)
     with tempfile.TemporaryDirectory(prefix="gpts-parity-") as tmp:
-        path = export_onnx(
-            ckpt_dir, Path(tmp) / "model.onnx", quantize=quantize, log=lambda _m: None, decode_graph=True
-        )
+        if ort_format:
+            from gpts_edge.export.ort import export_ort
+
+            # The host's own platform: the file is checked here, in this onnxruntime.
+            path = export_ort(
+                ckpt_dir, Path(tmp) / "ort", quantize=quantize, target_platform="amd64", log=lambda _m: None
+            )
+        else:
+            path = export_onnx(
+                ckpt_dir, Path(tmp) / "model.onnx", quantize=quantize, log=lambda _m: None, decode_graph=True
+            )
         size = path.stat().st_size
         rt = OnnxRuntime(path.parent, threads=threads)
         windows = text_windows(rt.tokenizer, rt.config.context_length)
         rows: list[dict[str, Any]] = []
-        figures: dict[str, Any] = {"quantize": quantize, "model_bytes": size, "nodes": _node_count(path)}
+        figures: dict[str, Any] = {
+            "format": "ort" if ort_format else "onnx",
+            "quantize": quantize,
+            "model_bytes": size,
+            "nodes": None if ort_format else _node_count(path),
+        }
         if quantize == "none":
             fp_rows, fp_figs = fp32_rows(ref, rt, windows.reshape(-1))
             rows += fp_rows

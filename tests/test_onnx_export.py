@@ -381,3 +381,17 @@ def test_exported_files_get_the_usual_permissions(peaky_onnx: Path) -> None:
     os.umask(mask)
     for p in peaky_onnx.parent.iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+
+
+def test_cli_parity_checks_the_ort_format_file_against_torch(peaky: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gpts_edge import cli
+
+    res = CliRunner().invoke(cli.app, ["parity", "--format", "ort", "--model", str(peaky), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") :])
+    assert report["ok"] and report["format"] == "ort"
+    rows = {r["check"]: r for r in report["rows"]}
+    assert rows["prefill 64 + 32 cached steps max|diff|"]["ok"]
+    assert float(rows["prefill 64 + 32 cached steps max|diff|"]["value"]) <= 1e-4
