@@ -25,11 +25,9 @@ folder for a llama checkpoint (it holds no weights that transformers could load)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,8 @@ from gpts_edge.checkpoint import (
     CONFIG_FILE,
     GENERATION_FILE,
     TOKENIZER_FILE,
+    atomic_dir,
     load_checkpoint,
-    replace_dir,
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
@@ -116,32 +114,25 @@ def export_transformersjs(
         raise GptsError(f"{out.parent}: output directory does not exist")
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be served
-        sub = tmp / ONNX_SUBFOLDER
-        sub.mkdir()
-        # The primary (first) variant goes last so the shared genai_config.json names it.
-        for q in reversed(quantizations):
-            log(f"== {TRANSFORMERSJS_FILES[q][1]} ({q})")
-            export_onnx(ckpt.path, sub / TRANSFORMERSJS_FILES[q][1], quantize=q, opset=opset, log=log)
-        tok_cfg = hf_tokenizer_config(cfg)
-        if not (sub / TOKENIZER_CONFIG_FILE).is_file():
-            _write_json(sub / TOKENIZER_CONFIG_FILE, tok_cfg)
-        _write_json(tmp / CONFIG_FILE, transformersjs_config(cfg, quantizations))
-        _write_json(tmp / GENERATION_FILE, hf_generation_config(ckpt.generation, cfg))
-        _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_cfg)
-        shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_FILE)
-        for f in [*tmp.iterdir(), *sub.iterdir()]:
-            if f.is_file():
-                os.chmod(f, 0o644)
-        replace_dir(tmp, out)
+        with atomic_dir(out) as tmp:
+            sub = tmp / ONNX_SUBFOLDER
+            sub.mkdir()
+            # The primary (first) variant goes last so the shared genai_config.json names it.
+            for q in reversed(quantizations):
+                log(f"== {TRANSFORMERSJS_FILES[q][1]} ({q})")
+                export_onnx(ckpt.path, sub / TRANSFORMERSJS_FILES[q][1], quantize=q, opset=opset, log=log)
+            tok_cfg = hf_tokenizer_config(cfg)
+            if not (sub / TOKENIZER_CONFIG_FILE).is_file():
+                _write_json(sub / TOKENIZER_CONFIG_FILE, tok_cfg)
+            _write_json(tmp / CONFIG_FILE, transformersjs_config(cfg, quantizations))
+            _write_json(tmp / GENERATION_FILE, hf_generation_config(ckpt.generation, cfg))
+            _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_cfg)
+            shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_FILE)
+            for f in [*tmp.iterdir(), *sub.iterdir()]:
+                if f.is_file():
+                    os.chmod(f, 0o644)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise GptsError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} ({', '.join(TRANSFORMERSJS_FILES[q][1] for q in quantizations)})")
     return out
