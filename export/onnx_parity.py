@@ -211,67 +211,40 @@ def parity_report(
             figures.update(fp_figs)
         tf = text_figures(ref, rt, windows)
         figures["text"] = tf
-        kl_max, top1_min = QUANT_BOUNDS[quantize]
-        n = tf["positions"]
-        if quantize == "none":
-            rows.append(
-                _row(
-                    f"text max|diff| over {n} positions",
-                    _fmt(tf["max_abs_diff"]),
-                    f"<= {FP32_TEXT_TOL:g}",
-                    tf["max_abs_diff"] <= FP32_TEXT_TOL,
-                )
-            )
-        else:
-            rows.append(
-                _row(f"text max|diff| over {n} positions", _fmt(tf["max_abs_diff"]), "(reported)", True)
-            )
-        rows.append(
-            _row(
-                f"text mean KL over {n} positions",
-                _fmt(tf["mean_kl"]),
-                f"<= {kl_max:g}",
-                tf["mean_kl"] <= kl_max,
-            )
-        )
-        rows.append(
-            _row(
-                f"text top-1 agreement over {n} positions",
-                f"{tf['top1_agreement']:.2%}",
-                f">= {top1_min:.0%}" if top1_min < 0.99 else f">= {top1_min:.1%}",
-                tf["top1_agreement"] >= top1_min,
-            )
-        )
+        rows += _text_rows("text", tf, quantize)
         # The decode flavour is a different graph (GroupQueryAttention, in-place cache, and for
         # int4 MatMulNBits' one-row kernel): it is held to the same text bounds, token by token.
         st = text_figures(ref, rt, windows, stepped=True)
         figures["text_stepped"] = st
-        step_tol = FP32_TEXT_TOL if quantize == "none" else float("inf")
-        rows.append(
-            _row(
-                f"steps: max|diff| over {n} positions",
-                _fmt(st["max_abs_diff"]),
-                f"<= {step_tol:g}" if quantize == "none" else "(reported)",
-                st["max_abs_diff"] <= step_tol,
-            )
-        )
-        rows.append(
-            _row(
-                f"steps: mean KL over {n} positions",
-                _fmt(st["mean_kl"]),
-                f"<= {kl_max:g}",
-                st["mean_kl"] <= kl_max,
-            )
-        )
-        rows.append(
-            _row(
-                f"steps: top-1 agreement over {n} positions",
-                f"{st['top1_agreement']:.2%}",
-                f">= {top1_min:.0%}" if top1_min < 0.99 else f">= {top1_min:.1%}",
-                st["top1_agreement"] >= top1_min,
-            )
-        )
+        rows += _text_rows("steps:", st, quantize)
     return {"ok": all(r["ok"] for r in rows), "rows": rows, **figures}
+
+
+def _text_rows(label: str, figs: dict[str, Any], quantize: str) -> list[dict[str, Any]]:
+    """max|diff| (bounded for fp32, reported for quantized graphs), mean KL and top-1 rows."""
+    kl_max, top1_min = QUANT_BOUNDS[quantize]
+    n = figs["positions"]
+    diff_tol = FP32_TEXT_TOL if quantize == "none" else float("inf")
+    return [
+        _row(
+            f"{label} max|diff| over {n} positions",
+            _fmt(figs["max_abs_diff"]),
+            f"<= {diff_tol:g}" if quantize == "none" else "(reported)",
+            figs["max_abs_diff"] <= diff_tol,
+        ),
+        _row(
+            f"{label} mean KL over {n} positions",
+            _fmt(figs["mean_kl"]),
+            f"<= {kl_max:g}",
+            figs["mean_kl"] <= kl_max,
+        ),
+        _row(
+            f"{label} top-1 agreement over {n} positions",
+            f"{figs['top1_agreement']:.2%}",
+            f">= {top1_min:.0%}" if top1_min < 0.99 else f">= {top1_min:.1%}",
+            figs["top1_agreement"] >= top1_min,
+        ),
+    ]
 
 
 def _node_count(path: Path) -> int | None:
