@@ -227,14 +227,7 @@ class OnnxRuntime:
                 f"layers): expected {len(want_in)} inputs and {len(want_out)} outputs, found "
                 f"{len(found_in)} and {len(found_out)}"
             )
-        for inp in session.get_inputs():
-            if inp.name.startswith("past_key_values."):
-                shape = list(inp.shape)
-                if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
-                    raise GptsError(
-                        f"{path}: input {inp.name}: expected shape "
-                        f"[1, {cfg.num_kv_heads}, max_sequence_length, {cfg.head_dim}], found {shape}"
-                    )
+        self._check_past_shapes(session, path, "1", "max_sequence_length")
 
     @staticmethod
     def _open(ort: Any, path: Path, opts: Any) -> Any:
@@ -243,6 +236,17 @@ class OnnxRuntime:
         except Exception as exc:  # onnxruntime raises several private exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise GptsError(f"{path}: not a loadable ONNX model ({first[:200]})") from None
+
+    def _check_past_shapes(self, session: Any, path: Path, batch: str, length: str) -> None:
+        cfg = self.config
+        for inp in session.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                shape = list(inp.shape)
+                if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
+                    raise GptsError(
+                        f"{path}: input {inp.name}: expected shape "
+                        f"[{batch}, {cfg.num_kv_heads}, {length}, {cfg.head_dim}], found {shape}"
+                    )
 
     def _check_io(self, session: Any, path: Path) -> None:
         cfg = self.config
@@ -255,14 +259,7 @@ class OnnxRuntime:
                 f"({cfg.num_layers} layers): expected inputs {want_in[:4]}... ({len(want_in)}), "
                 f"found {found_in[:4]}{'...' if len(found_in) > 4 else ''} ({len(found_in)})"
             )
-        for inp in session.get_inputs():
-            if inp.name.startswith("past_key_values."):
-                shape = list(inp.shape)
-                if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
-                    raise GptsError(
-                        f"{path}: input {inp.name}: expected shape "
-                        f"[batch, {cfg.num_kv_heads}, past, {cfg.head_dim}], found {shape}"
-                    )
+        self._check_past_shapes(session, path, "batch", "past")
         logits = session.get_outputs()[found_out.index(ONNX_LOGITS)]
         vocab = logits.shape[-1] if logits.shape else None
         if isinstance(vocab, int) and vocab != cfg.vocab_size:
