@@ -38,6 +38,7 @@ from gpts_edge.checkpoint import (
     TOKENIZER_FILE,
     atomic_dir,
     load_checkpoint,
+    require_output_dir,
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
@@ -110,8 +111,7 @@ def export_transformersjs(
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         # The folder is swapped out as a whole: never throw away something that is not an export.
         raise GptsError(f"{out}: folder is not empty and holds no {CONFIG_FILE}; refusing to replace it")
-    if not out.parent.is_dir():
-        raise GptsError(f"{out.parent}: output directory does not exist")
+    require_output_dir(out.parent)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     try:

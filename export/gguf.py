@@ -34,7 +34,7 @@ from gpts_edge.runtimes.gguf import (
     read_gguf,
 )
 
-from gpts_edge.checkpoint import Checkpoint, load_checkpoint
+from gpts_edge.checkpoint import Checkpoint, load_checkpoint, require_output_dir
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.names import gguf_name
@@ -218,8 +218,7 @@ def write_plan(plan: GGUFPlan, output: str | Path) -> Path:
     import gguf
 
     output = Path(output)
-    if not output.parent.is_dir():
-        raise GptsError(f"{output.parent}: output directory does not exist")
+    require_output_dir(output.parent)
     if output.is_dir():
         raise GptsError(f"{output}: is a directory (expected a .gguf file path)")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
@@ -280,8 +279,7 @@ def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], Non
             f"{source}: tensors stored as {', '.join(lossy)} are dequantized to f32 (not the original weights)"
         )
     output = Path(output)
-    if not output.parent.is_dir():
-        raise GptsError(f"{output.parent}: output directory does not exist")
+    require_output_dir(output.parent)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tok-") as d:
         tok = Path(d) / "tokenizer.json"
         tok.write_text(m.tokenizer_json + "\n", encoding="utf-8")

@@ -40,6 +40,7 @@ from gpts_edge.checkpoint import (
     WEIGHTS_FILE,
     atomic_dir,
     load_checkpoint,
+    require_output_dir,
     save_checkpoint,
 )
 from gpts_edge.config import ModelConfig
@@ -173,8 +174,7 @@ def export_hf(model: str | Path | None, output: str | Path, log: Callable[[str],
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise GptsError(f"{out}: exists and is not a directory (expected an output folder for --format hf)")
-    if not out.parent.is_dir():
-        raise GptsError(f"{out.parent}: output directory does not exist")
+    require_output_dir(out.parent)
     for name in REMOTE_FILES:
         if not (REMOTE_DIR / name).is_file():
             raise GptsError(f"{REMOTE_DIR / name}: remote-code file missing from this installation")

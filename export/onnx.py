@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, Checkpoint, load_checkpoint
+from gpts_edge.checkpoint import (
+    GENERATION_FILE,
+    TOKENIZER_FILE,
+    Checkpoint,
+    load_checkpoint,
+    require_output_dir,
+)
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.names import (
@@ -755,13 +761,7 @@ def _resolve_output(output: str | Path) -> Path:
         out = out / MODEL_FILE
     elif out.suffix != ".onnx":
         raise GptsError(f"{out}: expected a .onnx file path or an existing folder")
-    parent = out.parent
-    if not parent.exists():
-        raise GptsError(f"{parent}: output directory does not exist")
-    if not parent.is_dir():
-        raise GptsError(f"{parent}: output location is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise GptsError(f"{parent}: output directory is not writable")
+    require_output_dir(out.parent)
     return out
 
 

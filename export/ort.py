@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from gpts_edge.checkpoint import require_output_dir
 from gpts_edge.errors import GptsError
 
 ORT_FILE = "model.ort"
@@ -97,11 +98,7 @@ def _prepare_output(output: str | Path) -> Path:
         raise GptsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / ORT_FILE).is_file():
         raise GptsError(f"{out}: folder is not empty and holds no {ORT_FILE}; refusing to replace it")
-    parent = out.parent
-    if not parent.is_dir():
-        raise GptsError(f"{parent}: output directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GptsError(f"{parent}: output directory is not writable")
+    require_output_dir(out.parent)
     return out
 
 

@@ -159,8 +159,7 @@ def save_checkpoint(
     out = Path(out)
     weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
     validate_weights(weights, cfg, "weights to save")
-    if not out.parent.is_dir():
-        raise GptsError(f"{out.parent}: output directory does not exist")
+    require_output_dir(out.parent)
     if not Path(tokenizer_json).is_file():
         raise GptsError(
             f"{tokenizer_json}: file not found (expected the tokenizer.json to save with the weights)"
@@ -175,6 +174,17 @@ def save_checkpoint(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out
+
+
+def require_output_dir(parent: Path) -> None:
+    """The folder an output goes into must exist, be a folder and be writable (checked before
+    any work, so the error names the folder rather than a temp file deep inside a write)."""
+    if not parent.exists():
+        raise GptsError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise GptsError(f"{parent}: output location is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise GptsError(f"{parent}: output directory is not writable")
 
 
 @contextmanager

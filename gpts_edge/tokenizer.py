@@ -43,8 +43,9 @@ def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Atomic write: a temp file beside ``path``, then rename."""
     import os
 
-    if not path.parent.is_dir():
-        raise GptsError(f"{path.parent}: output directory does not exist")
+    from gpts_edge.checkpoint import require_output_dir
+
+    require_output_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tok.save(str(tmp))
     os.replace(tmp, path)
