@@ -15,7 +15,6 @@ weights stay f32, as llama.cpp expects.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from gpts_edge.runtimes.gguf import (
     read_gguf,
 )
 
-from gpts_edge.checkpoint import Checkpoint, load_checkpoint, require_output_dir
+from gpts_edge.checkpoint import Checkpoint, atomic_file, load_checkpoint, require_output_dir
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.names import gguf_name
@@ -221,25 +220,19 @@ def write_plan(plan: GGUFPlan, output: str | Path) -> Path:
     require_output_dir(output.parent)
     if output.is_dir():
         raise GptsError(f"{output}: is a directory (expected a .gguf file path)")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, plan.arch)
-        for key, value, vtype, sub in plan.kv:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for name, data, qtype in plan.tensors:
-            writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(output) as tmp:
+            writer = gguf.GGUFWriter(tmp, plan.arch)
+            for key, value, vtype, sub in plan.kv:
+                writer.add_key_value(key, value, vtype, sub_type=sub)
+            for name, data, qtype in plan.tensors:
+                writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+    except OSError as exc:
+        raise GptsError(f"{output.parent}: cannot write the export ({exc.strerror or exc})") from None
     return output
 
 

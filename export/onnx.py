@@ -19,7 +19,6 @@ lm_head (MatMulNBits) and the token lookup (GatherBlockQuantized).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -33,6 +32,7 @@ from gpts_edge.checkpoint import (
     GENERATION_FILE,
     TOKENIZER_FILE,
     Checkpoint,
+    atomic_file,
     load_checkpoint,
     require_output_dir,
 )
@@ -732,27 +732,9 @@ def genai_config(cfg: ModelConfig, generation: dict[str, Any], model_file: str) 
     }
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; an export is meant to be shared, so give it the usual umask mode.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _resolve_output(output: str | Path) -> Path:

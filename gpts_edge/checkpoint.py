@@ -193,11 +193,8 @@ def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
     renamed to ``out`` (replacing an old one), on any error or Ctrl-C it is removed."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if mode is None:  # mkdtemp's 0700 would make a model folder private; honour the umask
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o777 & ~umask
-        os.chmod(tmp, mode)
+        # mkdtemp's 0700 would make a model folder private; honour the umask instead.
+        os.chmod(tmp, _umask_mode(0o777) if mode is None else mode)
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
@@ -207,6 +204,32 @@ def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it is synced, given the usual
+    umask mode and renamed to ``path``; on any error or Ctrl-C it is removed. Readers see the
+    old file or the new one, never a half-written one."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600; an export is meant to be shared.
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask_mode(base: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
 
 
 def replace_dir(new: Path, target: Path) -> None:

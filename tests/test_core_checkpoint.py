@@ -254,3 +254,27 @@ def test_overwrite_replaces_the_checkpoint(tmp_path, tiny_checkpoint, tokenizer_
     assert _leftovers(tmp_path, {"model"}) == []
     loaded = load_checkpoint(tmp_path / "model").weights
     assert np.array_equal(loaded["model.norm.weight"], changed["model.norm.weight"])
+
+
+def test_every_writer_names_a_missing_or_unwritable_output_folder(tmp_path, tokenizer_json) -> None:
+    import os
+
+    from gpts_edge.export.gguf import export_gguf
+
+    from gpts_edge.checkpoint import require_output_dir
+
+    with pytest.raises(GptsError, match=r"/nope: output directory does not exist"):
+        require_output_dir(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GptsError, match=r"/file: output location is not a directory"):
+        require_output_dir(tmp_path / "file")
+    if os.geteuid() != 0:  # root writes anywhere; /proc refuses everyone
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(GptsError, match="output directory is not writable"):
+            require_output_dir(locked)
+    # As root os.access says yes to /proc; the write itself then fails, as one line.
+    with pytest.raises(
+        GptsError, match=r"^/proc: (output directory is not writable|cannot write the export)"
+    ):
+        export_gguf(None, "/proc/model.gguf", log=lambda _m: None)

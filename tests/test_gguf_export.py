@@ -152,7 +152,8 @@ def test_export_failure_leaves_existing_output_untouched(tiny_checkpoint, tmp_pa
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
-    with pytest.raises(OSError):
+    # A failed write is one clear line, never a bare OSError traceback.
+    with pytest.raises(GptsError, match=r": cannot write the export \(disk full\)"):
         export_gguf(tiny_checkpoint, out, log=lambda m: None)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
