@@ -40,15 +40,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
 
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    """Atomic write: a temp file beside ``path``, then rename."""
-    import os
-
-    from gpts_edge.checkpoint import require_output_dir
+    """Atomic write: a temp file beside ``path``, then rename (a failed save leaves no temp file)."""
+    from gpts_edge.checkpoint import atomic_file, require_output_dir
 
     require_output_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tok.save(str(tmp))
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
