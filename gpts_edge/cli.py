@@ -124,6 +124,9 @@ def train(
     ckpt_every: Annotated[int | None, typer.Option()] = None,
     log_every: Annotated[int | None, typer.Option()] = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Start from these weights: 'default' or a checkpoint directory.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -152,6 +155,7 @@ def train(
             ckpt_every=ckpt_every,
             log_every=log_every,
             tokenizer=tokenizer,
+            init=init,
             resume=resume,
             progress=progress,
         )

@@ -77,6 +77,7 @@ class TrainConfig:
     keep_snapshots: int = 2
     time_limit: float | None = None  # seconds of training; sets max_steps from measured speed
     tokenizer: str | None = None
+    init: str | None = None  # start from these weights (checkpoint dir or "default"), not their optimizer
     resume: bool = False
     progress: bool = True
 
@@ -215,6 +216,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        if tc.init and not tc.resume:
+            self._init_from(tc.init)
         if tc.resume:
             self._resume()
         elif _snapshots(self.out):
@@ -229,6 +232,17 @@ class Trainer:
         self.fwd = torch.compile(self.ddp_model) if tc.compile else self.ddp_model
 
     # -- state --
+    def _init_from(self, init: str) -> None:
+        from gpts_edge.checkpoint import load_weights
+
+        src = default_model_dir() if init == "default" else Path(init)
+        saved_cfg = ModelConfig.load(src / CONFIG_FILE)
+        if saved_cfg != self.cfg:
+            raise GptsError(f"--init {init}: its config differs from --preset {self.tc.preset}")
+        weights = load_weights(src / WEIGHTS_FILE, self.cfg)
+        self.model.load_state_dict(weights_to_state(weights))
+        self.model.to(self.device)
+
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
