@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gpts_edge.runtimes.gguf import (
+
+from gpts_edge.checkpoint import Checkpoint, load_checkpoint
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_file, require_output_dir
+from gpts_edge.gguf_format import (
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
     TOKENIZER_MODEL,
@@ -32,10 +37,6 @@ from gpts_edge.runtimes.gguf import (
     permute_qk,
     read_gguf,
 )
-
-from gpts_edge.checkpoint import Checkpoint, atomic_file, load_checkpoint, require_output_dir
-from gpts_edge.config import ModelConfig
-from gpts_edge.errors import GptsError
 from gpts_edge.names import gguf_name
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")

@@ -28,18 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from gpts_edge.checkpoint import (
-    GENERATION_FILE,
-    TOKENIZER_FILE,
-    Checkpoint,
-    atomic_file,
-    load_checkpoint,
-    require_output_dir,
-)
+from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, Checkpoint, load_checkpoint
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import XSA_EPS
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_file, require_output_dir
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
+    ONNX_DECODE_SEQLENS_K,
+    ONNX_DECODE_TOTAL_LENGTH,
+    ONNX_FLAVOURS,
     ONNX_INPUT_IDS,
     ONNX_LOGITS,
     ONNX_PAST_KEY,
@@ -47,6 +45,7 @@ from gpts_edge.names import (
     ONNX_POSITION_IDS,
     ONNX_PRESENT_KEY,
     ONNX_PRESENT_VALUE,
+    onnx_past_names,
 )
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -63,11 +62,10 @@ GENAI_FILE = "genai_config.json"
 CONFIG_FILE = "config.json"
 # Graph flavours: "compatible" is the export with the standard I/O names and growing KV tensors;
 # "decode" is the runtime's fast step graph (model.decode.onnx), see build_model.
-FLAVOURS = ("compatible", "decode")
-DECODE_SEQLENS_K = "seqlens_k"  # int32 [1]: total length - 1 (GroupQueryAttention's convention)
-DECODE_TOTAL_LENGTH = "total_sequence_length"  # int32 scalar: cached + new tokens
+FLAVOURS = ONNX_FLAVOURS
+DECODE_SEQLENS_K = ONNX_DECODE_SEQLENS_K
+DECODE_TOTAL_LENGTH = ONNX_DECODE_TOTAL_LENGTH
 DECODE_LAYOUT = "batch 1, shared fixed-size KV buffer updated in place, last-position logits"
-XSA_EPS = 1e-12  # the same clamp as gpts_edge.model.XSA_EPS (not imported: that module needs torch)
 
 
 def decode_supported(cfg: ModelConfig) -> bool:
@@ -183,7 +181,7 @@ def calibration_hessians(
     rng = np.random.default_rng(seed)
     length = min(length, cfg.context_length)
     empty = np.zeros((sequences, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
-    past_names = [i.name for i in sess.get_inputs()][3:]
+    past_names = onnx_past_names(cfg)
     n_present = 2 * cfg.num_layers
     ids = np.full((sequences, 1), cfg.bos_token_id, dtype=np.int64)
     past = [empty] * len(past_names)

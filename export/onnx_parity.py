@@ -166,10 +166,9 @@ def parity_report(
     ort_format: bool = False,
     threads: int | None = None,
 ) -> dict[str, Any]:
+    from gpts_edge.checkpoint import resolve_model_dir
     from gpts_edge.export.onnx import QUANTIZATIONS, export_onnx
     from gpts_edge.runtimes.onnx import OnnxRuntime
-
-    from gpts_edge.checkpoint import resolve_model_dir
 
     if quantize not in QUANTIZATIONS:
         raise GptsError(

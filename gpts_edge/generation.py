@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import DEFAULT_GENERATION
 from gpts_edge.errors import GptsError
 from gpts_edge.sampling import SamplingOptions, generate_tokens
 from gpts_edge.tokenizer import EOT_ID, StreamDecoder
@@ -34,8 +35,8 @@ def sampling_options(
     """Defaults from generation_config.json, then explicit overrides (None = keep default)."""
     g = generation_config
 
-    def field(key: str, kind: type, default: Any) -> Any:
-        value = g.get(key, default)
+    def field(key: str, kind: type) -> Any:
+        value = g.get(key, DEFAULT_GENERATION[key])
         # bool is an int subclass; a JSON true/false here is a mistake, not 1/0.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             if value is None and kind is int:
@@ -44,12 +45,12 @@ def sampling_options(
         return kind(value)
 
     values = {
-        "temperature": field("temperature", float, 0.8) if g.get("do_sample", True) else 0.0,
-        "top_k": field("top_k", int, 0),
-        "top_p": field("top_p", float, 1.0),
-        "repetition_penalty": field("repetition_penalty", float, 1.0),
-        "no_repeat_ngram_size": field("no_repeat_ngram_size", int, 0),
-        "max_new_tokens": field("max_new_tokens", int, 80),
+        "temperature": field("temperature", float) if g.get("do_sample", True) else 0.0,
+        "top_k": field("top_k", int),
+        "top_p": field("top_p", float),
+        "repetition_penalty": field("repetition_penalty", float),
+        "no_repeat_ngram_size": field("no_repeat_ngram_size", int),
+        "max_new_tokens": field("max_new_tokens", int),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if greedy:

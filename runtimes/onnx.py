@@ -28,10 +28,14 @@ from gpts_edge.errors import GptsError
 from gpts_edge.generation import generate_text, sampling_options
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
+    ONNX_DECODE_SEQLENS_K,
+    ONNX_DECODE_TOTAL_LENGTH,
     ONNX_INPUT_IDS,
     ONNX_LOGITS,
     ONNX_POSITION_IDS,
     onnx_io_names,
+    onnx_past_names,
+    onnx_present_names,
 )
 from gpts_edge.tokenizer import load_tokenizer
 
@@ -103,8 +107,6 @@ class _DecodeStepper:
     are bound once and reused, so a step allocates no tensors and copies no cache."""
 
     def __init__(self, session: Any, cfg: ModelConfig) -> None:
-        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
-
         self.session = session
         self.cfg = cfg
         self.shape = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
@@ -113,8 +115,8 @@ class _DecodeStepper:
         self.seqlens_k = np.zeros(1, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.logits = np.zeros((1, 1, cfg.vocab_size), dtype=np.float32)
-        self.io.bind_input(DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
-        self.io.bind_input(DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
+        self.io.bind_input(ONNX_DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
+        self.io.bind_input(ONNX_DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
         self.io.bind_output(
             ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, cfg.vocab_size], self.logits.ctypes.data
         )
@@ -123,11 +125,11 @@ class _DecodeStepper:
 
     def _bind_kv(self, buf: _KVBuffer) -> None:
         shape = list(self.shape[2:])
-        for i in range(self.cfg.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                ptr = buf.array[i, j].ctypes.data
-                self.io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-                self.io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        names = zip(onnx_past_names(self.cfg), onnx_present_names(self.cfg), strict=True)
+        for n, (past, present) in enumerate(names):  # layer n // 2, key (0) or value (1)
+            ptr = buf.array[n // 2, n % 2].ctypes.data
+            self.io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+            self.io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
         self._bound = buf
 
     def step(self, ids: np.ndarray, cache: OnnxDecodeCache) -> tuple[np.ndarray, OnnxDecodeCache]:
@@ -169,6 +171,7 @@ class OnnxRuntime:
         self.config = ModelConfig.load(self.path / CONFIG_FILE)
         self.tokenizer = load_tokenizer(self.path / TOKENIZER_FILE, self.config.vocab_size)
         self.generation_config = load_generation_config(self.path / GENERATION_FILE)
+        self._past_names = onnx_past_names(self.config)
         threads = DEFAULT_THREADS if threads is None else int(threads)
         if threads < 1:
             raise GptsError(f"threads: expected a positive integer, found {threads}")
@@ -202,7 +205,6 @@ class OnnxRuntime:
                 self.step_session = self._open(ort, fast, opts)
                 self._check_io(self.step_session, fast)
         self._input_names, self._output_names = onnx_io_names(cfg)
-        self._past_names = self._input_names[3:]
         self._empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
 
     @property
@@ -214,11 +216,8 @@ class OnnxRuntime:
         return self._session
 
     def _check_decode_io(self, session: Any, path: Path) -> None:
-        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
-
         cfg = self.config
-        _, want_out = onnx_io_names(cfg)
-        want_in = [ONNX_INPUT_IDS, DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH, *onnx_io_names(cfg)[0][3:]]
+        want_in, want_out = onnx_io_names(cfg, "decode")
         found_in = [i.name for i in session.get_inputs()]
         found_out = [o.name for o in session.get_outputs()]
         if sorted(found_in) != sorted(want_in) or sorted(found_out) != sorted(want_out):
@@ -240,7 +239,7 @@ class OnnxRuntime:
     def _check_past_shapes(self, session: Any, path: Path, batch: str, length: str) -> None:
         cfg = self.config
         for inp in session.get_inputs():
-            if inp.name.startswith("past_key_values."):
+            if inp.name in self._past_names:
                 shape = list(inp.shape)
                 if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
                     raise GptsError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,8 @@ from gpts_edge.names import expected_shapes, gguf_name
 gguf = pytest.importorskip("gguf")
 
 from gpts_edge.export.gguf import export_gguf, import_gguf, parity_report  # noqa: E402
-from gpts_edge.runtimes.gguf import GGUFRuntime, permute_qk  # noqa: E402
+from gpts_edge.gguf_format import permute_qk  # noqa: E402
+from gpts_edge.runtimes.gguf import GGUFRuntime  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +35,17 @@ def _torch_runtime(path):
     return TorchRuntime(path)
 
 
-def test_xsa_eps_is_the_models_constant():
-    from gpts_edge.runtimes import gguf as rt
+def test_every_implementation_reads_the_one_xsa_clamp():
+    import re
 
-    from gpts_edge.model import XSA_EPS
+    from gpts_edge import constants, model
+    from gpts_edge.export import onnx as onnx_export
+    from gpts_edge.runtimes import gguf_model
 
-    assert rt.XSA_EPS == XSA_EPS
+    assert model.XSA_EPS is onnx_export.XSA_EPS is gguf_model.XSA_EPS is constants.XSA_EPS
+    # The HF remote code may not import gpts_edge, so it carries its own copy: pin it.
+    remote = (Path(onnx_export.__file__).parent / "hf_remote" / "modeling_gpts.py").read_text()
+    assert float(re.search(r"^XSA_EPS = (\S+)$", remote, re.M).group(1)) == constants.XSA_EPS
 
 
 def test_f32_gguf_logits_match_torch_over_prefill_and_cached_steps(tiny_checkpoint):

@@ -16,14 +16,13 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH, build_model, export_onnx  # noqa: E402
-from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
-from gpts_edge.runtimes.onnx import OnnxDecodeCache, OnnxRuntime  # noqa: E402
-
 from gpts_edge.checkpoint import default_model_dir, load_checkpoint, save_checkpoint  # noqa: E402
 from gpts_edge.config import PRESETS  # noqa: E402
 from gpts_edge.errors import GptsError  # noqa: E402
+from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH, build_model, export_onnx  # noqa: E402
+from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
 from gpts_edge.generation import generate_ids  # noqa: E402
+from gpts_edge.runtimes.onnx import OnnxDecodeCache, OnnxRuntime  # noqa: E402
 from gpts_edge.sampling import SamplingOptions  # noqa: E402
 from gpts_edge.torch_runtime import TorchRuntime  # noqa: E402
 from tests.test_onnx_export import peaky_checkpoint, quiet  # noqa: E402  (head_dim 8)

@@ -18,15 +18,14 @@ import pytest
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from gpts_edge.export import onnx as onnx_export  # noqa: E402
-from gpts_edge.export.onnx import export_onnx  # noqa: E402
-from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
-from gpts_edge.runtimes.onnx import OnnxRuntime  # noqa: E402
-
 from gpts_edge.checkpoint import default_model_dir, save_checkpoint  # noqa: E402
 from gpts_edge.config import PRESETS  # noqa: E402
 from gpts_edge.errors import GptsError  # noqa: E402
+from gpts_edge.export import onnx as onnx_export  # noqa: E402
+from gpts_edge.export.onnx import export_onnx  # noqa: E402
+from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
 from gpts_edge.names import onnx_io_names  # noqa: E402
+from gpts_edge.runtimes.onnx import OnnxRuntime  # noqa: E402
 from gpts_edge.torch_runtime import TorchRuntime  # noqa: E402
 
 
@@ -358,10 +357,10 @@ def test_cli_export_unknown_format_exits_2_with_one_line(tmp_path: Path) -> None
 
 
 def test_cli_parity_prints_table_and_exits_1_when_a_bound_fails(peaky: Path, monkeypatch) -> None:
-    from gpts_edge.export import onnx_parity
     from typer.testing import CliRunner
 
     from gpts_edge import cli
+    from gpts_edge.export import onnx_parity
 
     # One real run (a full parity run costs seconds): every genuine check passes, and an impossible
     # top-1 bound (> 100%) must turn into FAIL rows (full-window and token-by-token scoring) and

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpts_edge.runtimes.onnx import OnnxRuntime, load, open_onnx_runtime
 
 from gpts_edge.errors import GptsError
+from gpts_edge.runtimes.onnx import OnnxRuntime, load, open_onnx_runtime
 from tests.conftest import REPO, run_cli
 
 pytest.importorskip("onnx")

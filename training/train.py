@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gpts_edge.training.data import Sampler, load_sources, validation_windows
-from gpts_edge.training.schedule import wsd_lr
 
 from gpts_edge.checkpoint import (
     CONFIG_FILE,
@@ -43,6 +41,8 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
+from gpts_edge.training.data import Sampler, load_sources, validation_windows
+from gpts_edge.training.schedule import wsd_lr
 
 STATE_FILE = "train_state.json"
 OPTIM_FILE = "optimizer.safetensors"
