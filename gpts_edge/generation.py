@@ -101,3 +101,34 @@ def generate_text(
     rest = dec.flush()
     if rest:
         yield rest
+
+
+class TextModel:
+    """Text in, text out over any Runtime: ``generate`` and the streaming ``stream``, with the
+    sampling defaults of the model's generation_config.json."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runtime.config
+
+    def stream(
+        self,
+        prompt: str = "",
+        max_new_tokens: int | None = None,
+        *,
+        seed: int = 0,
+        greedy: bool = False,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are sampled."""
+        opts = sampling_options(
+            self.runtime.generation_config, greedy=greedy, max_new_tokens=max_new_tokens, **sampling
+        )
+        yield from generate_text(self.runtime, prompt, opts, seed=seed)
+
+    def generate(self, prompt: str = "", max_new_tokens: int | None = None, **kwargs: Any) -> str:
+        """The generated continuation of ``prompt`` (without the prompt)."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))

@@ -94,13 +94,17 @@ def checkpoint_name_from_gguf(name: str) -> str:
 
 def onnx_past_names(cfg: ModelConfig) -> list[str]:
     """``past_key_values.{i}.key/value`` in graph input order (layer by layer, key first)."""
-    return [n for i in range(cfg.num_layers) for n in (ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i))]
+    return [
+        n for i in range(cfg.num_layers) for n in (ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i))
+    ]
 
 
 def onnx_present_names(cfg: ModelConfig) -> list[str]:
     """``present.{i}.key/value``, in the same order as ``onnx_past_names``."""
     return [
-        n for i in range(cfg.num_layers) for n in (ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i))
+        n
+        for i in range(cfg.num_layers)
+        for n in (ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i))
     ]
 
 
