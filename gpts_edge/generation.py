@@ -18,7 +18,9 @@ from gpts_edge.tokenizer import EOT_ID, StreamDecoder
 
 class Runtime(Protocol):
     """What every runtime supplies. ``step`` takes the new token ids (1-D int64) and returns the
-    next-token logits (1-D float) and the updated cache."""
+    next-token logits (1-D float) and the updated cache; ``forward_logits`` scores whole
+    sequences. Generation needs only ``new_cache``/``step``; eval, perplexity and parity use
+    ``forward_logits``."""
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -27,6 +29,11 @@ class Runtime(Protocol):
     def new_cache(self) -> Any: ...
 
     def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
+
+    def forward_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits (batch, time, vocab) of whole sequences (scoring, parity); left padding via
+        ``attention_mask``."""
+        ...
 
 
 def sampling_options(
