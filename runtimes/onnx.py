@@ -10,6 +10,7 @@ the project's shared sampler (gpts_edge.sampling), so every runtime draws the sa
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,14 @@ class OnnxCache:
 class _KVBuffer:
     """One preallocated KV buffer (layers, key|value, 1, kv heads, context, head dim) that the
     decode graph reads and writes in place. ``version`` counts the steps written into it, so a
-    cache that is no longer the newest one of its buffer is detected and copied before use."""
+    cache that is no longer the newest one of its buffer is detected and copied before use.
+    ``binding`` is the buffer's own IO binding (made on its first step): every buffer, hence
+    every generation, has its own, so threads decoding on one session share no mutable state."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.array = np.empty(shape, dtype=np.float32)  # positions >= length are never read
         self.version = 0
+        self.binding: _Binding | None = None
 
 
 @dataclass
@@ -98,35 +102,37 @@ class OnnxDecodeCache:
     version: int
 
 
-class _DecodeStepper:
-    """Runs the decode graph with IO binding: the KV buffer, the logits and the two length scalars
-    are bound once and reused, so a step allocates no tensors and copies no cache."""
+class _Binding:
+    """The IO binding of one KV buffer: the buffer, the logits and the two length scalars are bound
+    once and reused, so a step allocates no tensors and copies no cache."""
 
-    def __init__(self, session: Any, cfg: ModelConfig) -> None:
-        self.session = session
-        self.cfg = cfg
-        self.shape = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
+    def __init__(self, session: Any, cfg: ModelConfig, buf: _KVBuffer) -> None:
         self.io = session.io_binding()
         self.ids = np.zeros((1, cfg.context_length), dtype=np.int64)
         self.seqlens_k = np.zeros(1, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.logits = np.zeros((1, 1, cfg.vocab_size), dtype=np.float32)
-        self.io.bind_input(ONNX_DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
-        self.io.bind_input(ONNX_DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
-        self.io.bind_output(
-            ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, cfg.vocab_size], self.logits.ctypes.data
-        )
-        self._bound: _KVBuffer | None = None
-        self._bound_n = 0
-
-    def _bind_kv(self, buf: _KVBuffer) -> None:
-        shape = list(self.shape[2:])
-        names = zip(onnx_past_names(self.cfg), onnx_present_names(self.cfg), strict=True)
+        self.bound_n = 0
+        io = self.io
+        io.bind_input(ONNX_DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
+        io.bind_input(ONNX_DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
+        io.bind_output(ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, cfg.vocab_size], self.logits.ctypes.data)
+        shape = list(buf.array.shape[2:])
+        names = zip(onnx_past_names(cfg), onnx_present_names(cfg), strict=True)
         for n, (past, present) in enumerate(names):  # layer n // 2, key (0) or value (1)
             ptr = buf.array[n // 2, n % 2].ctypes.data
-            self.io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
-            self.io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
-        self._bound = buf
+            io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+            io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
+
+
+class _DecodeStepper:
+    """Runs the decode graph. It holds only the session (whose ``run`` onnxruntime allows from
+    several threads at once); all buffers a step writes belong to the cache being stepped."""
+
+    def __init__(self, session: Any, cfg: ModelConfig) -> None:
+        self.session = session
+        self.cfg = cfg
+        self.shape = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
 
     def step(self, ids: np.ndarray, cache: OnnxDecodeCache) -> tuple[np.ndarray, OnnxDecodeCache]:
         """``ids`` (1, n), already checked against the vocabulary and the context length."""
@@ -137,23 +143,24 @@ class _DecodeStepper:
             fresh = _KVBuffer(self.shape)
             fresh.array[..., : cache.length, :] = buf.array[..., : cache.length, :]
             buf = fresh
-        if buf is not self._bound:
-            self._bind_kv(buf)
+        b = buf.binding
+        if b is None:
+            b = buf.binding = _Binding(self.session, self.cfg, buf)
         n = ids.shape[1]
         total = cache.length + n
         if n == 1:
-            self.ids[0, 0] = ids[0, 0]
+            b.ids[0, 0] = ids[0, 0]
         else:
-            self.ids[0, :n] = ids[0]
-        if n != self._bound_n:
-            self.io.bind_input(ONNX_INPUT_IDS, "cpu", 0, np.int64, [1, n], self.ids.ctypes.data)
-            self._bound_n = n
-        self.seqlens_k[0] = total - 1
-        self.total[...] = total
-        self.session.run_with_iobinding(self.io)
+            b.ids[0, :n] = ids[0]
+        if n != b.bound_n:
+            b.io.bind_input(ONNX_INPUT_IDS, "cpu", 0, np.int64, [1, n], b.ids.ctypes.data)
+            b.bound_n = n
+        b.seqlens_k[0] = total - 1
+        b.total[...] = total
+        self.session.run_with_iobinding(b.io)
         buf.version += 1
         # A copy: the bound logits buffer is overwritten by the next step.
-        return self.logits[0, 0].copy(), OnnxDecodeCache(buf, total, buf.version)
+        return b.logits[0, 0].copy(), OnnxDecodeCache(buf, total, buf.version)
 
 
 class OnnxRuntime:
@@ -184,6 +191,7 @@ class OnnxRuntime:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self._ort, self._opts = ort, opts
         self._session: Any = None
+        self._session_lock = threading.Lock()
         cfg = self.config
         decode = self.model_path.with_name(f"{self.model_path.stem}{DECODE_SUFFIX}")
         self._decoder: _DecodeStepper | None = None
@@ -207,8 +215,11 @@ class OnnxRuntime:
     def session(self) -> Any:
         """The full graph's session (scoring, and steps when there is no decode flavour)."""
         if self._session is None:
-            self._session = self._open(self._ort, self.model_path, self._opts)
-            self._check_io(self._session, self.model_path)
+            with self._session_lock:  # two threads scoring at once open it once
+                if self._session is None:
+                    session = self._open(self._ort, self.model_path, self._opts)
+                    self._check_io(session, self.model_path)
+                    self._session = session
         return self._session
 
     def _check_decode_io(self, session: Any, path: Path) -> None:
