@@ -100,7 +100,7 @@ def generate_text(
     ids = rt.tokenizer.encode(prompt).ids if prompt else []
     dec = StreamDecoder(rt.tokenizer)
     for tok in generate_ids(rt, ids, opts, seed=seed, warn=warn):
-        if tok == EOT_ID:
+        if tok == EOT_ID and opts.stop_at_eos:
             break
         piece = dec.push(tok)
         if piece:

@@ -155,7 +155,9 @@ def generate_tokens(
         if i == opts.max_new_tokens - 1:  # no model step whose logits nobody reads
             return
         if filled + 1 > context_length:
-            keep = history[-(context_length * 3 // 4) :]
+            # At least one token: with a context under 4, 3/4 of it rounds to 0, and
+            # history[-0:] would keep the whole history.
+            keep = history[-max(1, context_length * 3 // 4) :]
             if warn and not slid:
                 warn(
                     f"note: context of {context_length} tokens is full; sliding the window "

@@ -129,7 +129,8 @@ export class OnnxModel {
       if (n === opts.max_new_tokens - 1) return; // no model step whose logits nobody reads
       t0 = performance.now();
       if (filled + 1 > this.context) {
-        const keep = history.slice(-Math.floor((this.context * 3) / 4));
+        // At least one token: 3/4 of a context under 4 rounds to 0, and slice(-0) keeps everything.
+        const keep = history.slice(-Math.max(1, Math.floor((this.context * 3) / 4)));
         stats.slid = true;
         ({ logits, cache } = await this.step(keep, this.newCache()));
         filled = keep.length;
