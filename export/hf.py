@@ -43,7 +43,7 @@ from gpts_edge.checkpoint import (
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_dir, require_output_dir
+from gpts_edge.fileio import atomic_dir, read_text, require_output_dir
 from gpts_edge.names import expected_shapes
 from gpts_edge.tokenizer import EOT, EOT_ID, load_tokenizer
 
@@ -245,7 +245,7 @@ def _read_weights(root: Path) -> dict[str, np.ndarray]:
         return read_safetensors(single)
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(read_text(index))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise GptsError(f"{index}: expected JSON with a 'weight_map' object") from None
@@ -268,7 +268,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise GptsError(f"{path}: file not found (expected {what})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GptsError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -30,7 +30,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_dir, require_output_dir
+from gpts_edge.fileio import atomic_dir, check_readable, read_text, require_output_dir
 from gpts_edge.names import expected_shapes
 
 __all__ = [  # the file names are re-exported: checkpoint users read them from here
@@ -40,6 +40,7 @@ __all__ = [  # the file names are re-exported: checkpoint users read them from h
     "TOKENIZER_FILE",
     "WEIGHTS_FILE",
     "Checkpoint",
+    "check_finite",
     "default_model_dir",
     "load_checkpoint",
     "load_generation_config",
@@ -67,6 +68,7 @@ def resolve_model_dir(path: str | Path | None) -> Path:
         raise GptsError(
             f"{path}: expected a checkpoint directory (config.json, model.safetensors, tokenizer.json)"
         )
+    check_readable(path)
     return path.resolve()
 
 
@@ -88,12 +90,22 @@ def load_weights(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
     if not path.is_file():
         raise GptsError(f"{path}: file not found (expected fp32 weights in safetensors format)")
+    check_readable(path)
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     validate_weights(weights, cfg, str(path))
+    check_finite(weights, str(path))
     return weights
+
+
+def check_finite(weights: dict[str, np.ndarray], source: str) -> None:
+    """A NaN or infinity in any weight makes every logit NaN: refuse it when loading, naming the
+    tensor, rather than generate nothing (or pass a parity check on NaN logits)."""
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise GptsError(f"{source}: tensor {name!r} contains NaN or infinity")
 
 
 def validate_weights(weights: dict[str, Any], cfg: ModelConfig, source: str) -> None:
@@ -123,7 +135,7 @@ def load_generation_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return dict(DEFAULT_GENERATION)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GptsError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):

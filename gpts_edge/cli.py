@@ -21,6 +21,23 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizer tools.")
 app.add_typer(tokenizer_app, name="tokenizer")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from gpts_edge import __version__
+
+        typer.echo(f"gpts-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """GPT-S-1.4M on the edge: train, export, run."""
+
+
 def _fail(exc: GptsError) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
@@ -56,7 +73,9 @@ def info(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
+    prompt: Annotated[
+        str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>; -: read it from stdin).")
+    ] = "",
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
     runtime: Annotated[
         str | None, typer.Option(help="onnx | gguf | torch (default: gguf for a .gguf file, else onnx)")
@@ -73,9 +92,14 @@ def generate(
 ) -> None:
     """Continue a prompt with the shared sampler."""
     from gpts_edge.api import open_runtime
-    from gpts_edge.generation import generate_text, sampling_options
+    from gpts_edge.generation import check_prompt, generate_text, sampling_options
 
     try:
+        if prompt == "-":
+            prompt = _read_stdin()
+        check_prompt(prompt)  # before the model loads and before the prompt is echoed
+        if not 0 <= seed < 2**64:
+            raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
         rt = open_runtime(runtime, model)
         opts = sampling_options(
             rt.generation_config,
@@ -96,6 +120,16 @@ def generate(
         typer.echo("")
     except GptsError as exc:
         _fail(exc)
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GptsError(
+            f"stdin: the prompt is not valid UTF-8 (byte 0x{data[exc.start]:02x} at {exc.start})"
+        ) from None
 
 
 @app.command()
@@ -387,7 +421,14 @@ def tokenizer_train(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as exc:
+        # A file the library did not expect to be unreadable (permissions, a full disk): still
+        # one line naming it, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import read_text
 
 MODEL_TYPE = "gpts"
+# 64 Ki positions: 256x the trained context. Larger values are mistakes (or attacks) that would
+# only fail later, as a MemoryError allocating the KV cache or the rotary tables.
+MAX_CONTEXT = 1 << 16
+# Bounds on the other sizes for the same reason (a 4 GB embedding is far outside this family).
+MAX_SIZE = 1 << 20
 ARCHITECTURE = "GPTSForCausalLM"
 
 
@@ -49,6 +55,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise GptsError(f"config field {name}: expected a positive integer, found {value!r}")
+            limit = MAX_CONTEXT if name == "context_length" else MAX_SIZE
+            if value > limit:
+                hf = "max_position_embeddings" if name == "context_length" else name
+                raise GptsError(f"config field {hf}: expected at most {limit:,}, found {value:,}")
         if self.num_heads % self.num_kv_heads:
             raise GptsError(
                 f"config: num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -164,7 +174,7 @@ class ModelConfig:
         if not path.is_file():
             raise GptsError(f"{path}: file not found (expected a model config.json)")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise GptsError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_hf_dict(data, source=str(path))

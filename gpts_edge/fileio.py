@@ -80,3 +80,30 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, target)
+
+
+def unreadable(path: Path, exc: OSError) -> GptsError:
+    """The one-line error for a file or folder that exists but cannot be read (permissions, an
+    I/O error): it names the path, so it is never mistaken for a missing file."""
+    return GptsError(f"{path}: cannot read ({exc.strerror or exc})")
+
+
+def check_readable(path: Path) -> None:
+    """Open ``path`` for reading once (a folder: list it), so a permission problem is reported
+    as such, naming the path, before a library reports it as something else."""
+    try:
+        if path.is_dir():
+            next(os.scandir(path), None)
+        else:
+            with open(path, "rb"):
+                pass
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+
+
+def read_text(path: Path) -> str:
+    """``path``'s text (UTF-8); an unreadable file is a GptsError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise unreadable(path, exc) from None

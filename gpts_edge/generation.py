@@ -86,6 +86,19 @@ def generate_ids(
     )
 
 
+def check_prompt(prompt: object) -> None:
+    """A prompt must be text that UTF-8 can carry: argv bytes that are not UTF-8 arrive as lone
+    surrogates (U+DC80..U+DCFF), which neither the tokenizer nor a terminal can encode."""
+    if not isinstance(prompt, str):
+        raise GptsError(f"prompt: expected text, found {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = prompt[exc.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise GptsError(f"prompt: not valid UTF-8 text ({byte} at character {exc.start})") from None
+
+
 def generate_text(
     rt: Runtime,
     prompt: str,
@@ -95,8 +108,7 @@ def generate_text(
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as tokens arrive (never splitting a UTF-8 character)."""
-    if not isinstance(prompt, str):
-        raise GptsError(f"prompt: expected text, found {type(prompt).__name__}")
+    check_prompt(prompt)
     ids = rt.tokenizer.encode(prompt).ids if prompt else []
     dec = StreamDecoder(rt.tokenizer)
     for tok in generate_ids(rt, ids, opts, seed=seed, warn=warn):

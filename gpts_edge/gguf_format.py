@@ -32,6 +32,7 @@ import numpy as np
 from gpts_edge.config import ModelConfig
 from gpts_edge.constants import DEFAULT_GENERATION
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import check_readable
 from gpts_edge.names import checkpoint_name_from_gguf, expected_shapes
 
 ARCHITECTURES = ("gpts", "llama")
@@ -167,6 +168,7 @@ def scan_gguf(path: Path) -> None:
         size = path.stat().st_size
     except OSError as exc:
         raise GptsError(f"{path}: cannot read ({exc.strerror})") from None
+    check_readable(path)
     if size < 24:
         if size >= 4 and path.read_bytes()[:4] != b"GGUF":
             raise GptsError(
@@ -547,6 +549,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
             w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, NotImplementedError) as exc:
             raise GptsError(f"{path}: tensor {t.name!r}: cannot dequantize ({exc})") from None
+        if not np.isfinite(w).all():
+            raise GptsError(f"{path}: tensor {t.name!r} contains NaN or infinity")
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_qk(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         weights[name] = w

@@ -130,6 +130,8 @@ def generate_tokens(
     When the context fills up, the window slides: the cache is dropped and the most recent
     3/4 of the context is prefilled again (positions restart at 0), then generation goes on.
     """
+    if not 0 <= seed < 2**64:
+        raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
     ids = [int(t) for t in prompt_ids] or [eos_id]
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:

@@ -13,12 +13,22 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import check_readable
 
 EOT = "<|endoftext|>"
 EOT_ID = 0
 
 
+# Every byte plus <|endoftext|>: the smallest byte-level vocabulary.
+MIN_VOCAB = 257
+MAX_VOCAB = 1 << 20
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise GptsError(
+            f"--vocab-size: expected {MIN_VOCAB:,}..{MAX_VOCAB:,} (256 bytes + {EOT} at least), found {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -53,6 +63,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     path = Path(path)
     if not path.is_file():
         raise GptsError(f"{path}: file not found (expected a tokenizers tokenizer.json)")
+    check_readable(path)
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files

@@ -114,6 +114,10 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _send(self, head_only: bool) -> None:
+        if "\x00" in unquote(urlsplit(self.path).path):
+            # No file name holds a NUL; pathlib would raise on it and drop the connection.
+            self.send_error(400, "bad request")
+            return
         target = self._target()
         if target is None or not target.is_file():
             self.send_error(404, "not found")
@@ -164,6 +168,8 @@ class WebServer:
         log: Callable[[str], None] = print,
         quiet: bool = True,
     ) -> None:
+        if not 0 <= port <= 65535:
+            raise GptsError(f"--port: expected 0..65535 (0: any free port), found {port}")
         page = browser_dir(page_dir).resolve()
         self.onnx_file, self.model_dir = resolve_model(model, log=log)
         model_files = {"model.onnx": self.onnx_file.resolve()}
