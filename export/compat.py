@@ -40,7 +40,7 @@ from gpts_edge.checkpoint import (
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_dir, require_output_dir
+from gpts_edge.outputs import FolderKind, check_output_dir, export_folder
 
 LAYOUTS = ("onnx", "transformersjs")
 ONNX_SUBFOLDER = "onnx"
@@ -53,6 +53,13 @@ TRANSFORMERSJS_FILES: dict[str, tuple[str, str]] = {
 }
 TRANSFORMERSJS_MODEL_TYPE = "llama"
 TRANSFORMERSJS_ARCHITECTURE = "LlamaForCausalLM"
+
+
+TRANSFORMERSJS_KIND = FolderKind(
+    "transformers.js export",
+    ONNX_SUBFOLDER,
+    frozenset((ONNX_SUBFOLDER, CONFIG_FILE, GENERATION_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE)),
+)
 
 
 def parse_quantizations(value: str | Sequence[str]) -> list[str]:
@@ -98,29 +105,28 @@ def export_transformersjs(
     quantize: str | Sequence[str] = "none",
     opset: int | None = None,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
-    """Write the transformers.js layout at folder ``output`` (replaced as a whole); returns it."""
+    """Write the transformers.js layout at folder ``output`` (the overwrite rules of
+    gpts_edge.outputs: swapped in whole); returns it."""
     from gpts_edge.export.hf import hf_generation_config, hf_tokenizer_config
     from gpts_edge.export.onnx import export_onnx
 
     quantizations = parse_quantizations(quantize)
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise GptsError(f"{out}: exists and is not a directory (expected an output folder for this layout)")
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        # The folder is swapped out as a whole: never throw away something that is not an export.
-        raise GptsError(f"{out}: folder is not empty and holds no {CONFIG_FILE}; refusing to replace it")
-    require_output_dir(out.parent)
+    check_output_dir(out, TRANSFORMERSJS_KIND, force=force)
     ckpt = load_checkpoint(model)
     cfg = ckpt.config
     try:
-        with atomic_dir(out) as tmp:
+        with export_folder(out, TRANSFORMERSJS_KIND, force=force) as tmp:
             sub = tmp / ONNX_SUBFOLDER
             sub.mkdir()
             # The primary (first) variant goes last so the shared genai_config.json names it.
             for q in reversed(quantizations):
                 log(f"== {TRANSFORMERSJS_FILES[q][1]} ({q})")
-                export_onnx(ckpt.path, sub / TRANSFORMERSJS_FILES[q][1], quantize=q, opset=opset, log=log)
+                export_onnx(
+                    ckpt.path, sub / TRANSFORMERSJS_FILES[q][1], quantize=q, opset=opset, log=log, force=True
+                )
             tok_cfg = hf_tokenizer_config(cfg)
             if not (sub / TOKENIZER_CONFIG_FILE).is_file():
                 _write_json(sub / TOKENIZER_CONFIG_FILE, tok_cfg)

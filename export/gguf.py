@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ import numpy as np
 
 from gpts_edge.checkpoint import Checkpoint, load_checkpoint
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import GGUF_SUFFIX
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_file, require_output_dir
+from gpts_edge.fileio import atomic_file
 from gpts_edge.gguf_format import (
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
@@ -38,6 +38,13 @@ from gpts_edge.gguf_format import (
     read_gguf,
 )
 from gpts_edge.names import gguf_name
+from gpts_edge.outputs import (
+    CHECKPOINT_KIND,
+    check_output_dir,
+    check_output_file,
+    export_folder,
+    file_starts_with,
+)
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ARCHES = ("gpts", "llama")
@@ -195,14 +202,18 @@ def plan_gguf(ckpt: Checkpoint, quant: str = "f32", arch: str = "gpts") -> GGUFP
     return plan
 
 
-def write_plan(plan: GGUFPlan, output: str | Path) -> Path:
+def check_gguf_output(output: str | Path, *, force: bool = False) -> Path:
+    """A .gguf path (any name with ``force``) that is new or a GGUF file (any file with ``force``)."""
+    return check_output_file(
+        output, GGUF_SUFFIX, force=force, same_format=file_starts_with(b"GGUF"), what="GGUF file"
+    )
+
+
+def write_plan(plan: GGUFPlan, output: str | Path, *, force: bool = False) -> Path:
     """Write atomically: a temp file in the output's directory, then rename over ``output``."""
     import gguf
 
-    output = Path(output)
-    require_output_dir(output.parent)
-    if output.is_dir():
-        raise GptsError(f"{output}: is a directory (expected a .gguf file path)")
+    output = check_gguf_output(output, force=force)
     try:
         with atomic_file(output) as tmp:
             writer = gguf.GGUFWriter(tmp, plan.arch)
@@ -226,40 +237,45 @@ def export_gguf(
     quant: str = "f32",
     arch: str = "gpts",
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
     """Export a checkpoint directory (None: the bundled model) to one GGUF file."""
     try:
         import gguf  # noqa: F401
     except ImportError:
         raise GptsError("GGUF export needs the 'gguf' package (pip install 'gpts-edge[export]')") from None
+    check_gguf_output(output, force=force)
     ckpt = load_checkpoint(model)
     plan = plan_gguf(ckpt, quant, arch)
     for note in plan.notes:
         log(note)
-    out = write_plan(plan, output)
+    out = write_plan(plan, output, force=force)
     log(f"wrote {out} ({out.stat().st_size:,} bytes, arch {arch}, {quant})")
     return out
 
 
-def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], None] | None = None) -> Path:
+def import_gguf(
+    source: str | Path, output: str | Path, log: Callable[[str], None] | None = None, *, force: bool = False
+) -> Path:
     """A GGUF file -> checkpoint directory (fp32; quantized tensors are dequantized, and
     ``log`` (default: stderr) says so)."""
     from gpts_edge.checkpoint import save_checkpoint
 
     if log is None:
         log = _stderr
+    output = Path(output)
+    check_output_dir(output, CHECKPOINT_KIND, force=force)
     m = read_gguf(source)
     lossy = sorted({t for t in m.tensor_types.values() if t != "F32"})
     if lossy:
         log(
             f"{source}: tensors stored as {', '.join(lossy)} are dequantized to f32 (not the original weights)"
         )
-    output = Path(output)
-    require_output_dir(output.parent)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.tok-") as d:
-        tok = Path(d) / "tokenizer.json"
+    with export_folder(output, CHECKPOINT_KIND, force=force) as tmp:
+        tok = tmp / ".tokenizer.json.tok"  # read by save_checkpoint, gone with tmp's swap
         tok.write_text(m.tokenizer_json + "\n", encoding="utf-8")
-        return save_checkpoint(output, m.config, m.weights, tok, m.generation)
+        save_checkpoint(tmp, m.config, m.weights, tok, m.generation)
+    return output
 
 
 def _stderr(message: str) -> None:

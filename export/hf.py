@@ -43,8 +43,9 @@ from gpts_edge.checkpoint import (
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_dir, read_text, require_output_dir
+from gpts_edge.fileio import read_text
 from gpts_edge.names import expected_shapes
+from gpts_edge.outputs import CHECKPOINT_KIND, FolderKind, check_output_dir, export_folder
 from gpts_edge.tokenizer import EOT, EOT_ID, load_tokenizer
 
 REMOTE_DIR = Path(__file__).resolve().parent / "hf_remote"
@@ -167,17 +168,39 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def export_hf(model: str | Path | None, output: str | Path, log: Callable[[str], None] = print) -> Path:
-    """Write a transformers folder for checkpoint ``model`` (default: bundled) at ``output``."""
-    ckpt = load_checkpoint(model)
+HF_KIND = FolderKind(
+    "Hugging Face export",
+    REMOTE_FILES[1],
+    frozenset(
+        (
+            CONFIG_FILE,
+            *REMOTE_FILES,
+            WEIGHTS_FILE,
+            TOKENIZER_FILE,
+            TOKENIZER_CONFIG_FILE,
+            GENERATION_FILE,
+            "README.md",
+        )
+    ),
+)
+
+
+def export_hf(
+    model: str | Path | None,
+    output: str | Path,
+    log: Callable[[str], None] = print,
+    *,
+    force: bool = False,
+) -> Path:
+    """Write a transformers folder for checkpoint ``model`` (default: bundled) at ``output``
+    (the overwrite rules of gpts_edge.outputs)."""
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise GptsError(f"{out}: exists and is not a directory (expected an output folder for --format hf)")
-    require_output_dir(out.parent)
+    check_output_dir(out, HF_KIND, force=force)
+    ckpt = load_checkpoint(model)
     for name in REMOTE_FILES:
         if not (REMOTE_DIR / name).is_file():
             raise GptsError(f"{REMOTE_DIR / name}: remote-code file missing from this installation")
-    with atomic_dir(out) as tmp:
+    with export_folder(out, HF_KIND, force=force) as tmp:
         cfg = ckpt.config
         _write_json(tmp / CONFIG_FILE, hf_config_dict(cfg))
         for name in REMOTE_FILES:
@@ -313,8 +336,11 @@ def _generation_from_hf(path: Path) -> dict[str, Any]:
     return gen
 
 
-def import_hf(source: str | Path, output: str | Path) -> Path:
-    """Validate a transformers GPT-S folder (fp32, fp16 or bf16 weights) and write our checkpoint."""
+def import_hf(source: str | Path, output: str | Path, *, force: bool = False) -> Path:
+    """Validate a transformers GPT-S folder (fp32, fp16 or bf16 weights) and write our checkpoint
+    (the overwrite rules of gpts_edge.outputs)."""
+    out = Path(output)
+    check_output_dir(out, CHECKPOINT_KIND, force=force)
     root = Path(source)
     if not root.is_dir():
         raise GptsError(
@@ -345,9 +371,10 @@ def import_hf(source: str | Path, output: str | Path) -> Path:
     del tok
     _check_tokenizer_config(root / TOKENIZER_CONFIG_FILE)
     generation = _generation_from_hf(root / GENERATION_FILE)
-    out = Path(output)
-    # save_checkpoint validates names, shapes and dtype and writes atomically.
-    return save_checkpoint(out, cfg, weights, tokenizer_path, generation)
+    # save_checkpoint validates names, shapes and dtype; the folder is swapped in whole.
+    with export_folder(out, CHECKPOINT_KIND, force=force) as tmp:
+        save_checkpoint(tmp, cfg, weights, tokenizer_path, generation)
+    return out
 
 
 def _check_tokenizer_config(path: Path) -> None:

@@ -36,6 +36,14 @@ from gpts_edge.names import (
     ONNX_PRESENT_KEY,
     ONNX_PRESENT_VALUE,
 )
+from gpts_edge.outputs import (
+    ONNX_KIND,
+    check_output_dir,
+    clean_stale,
+    export_folder,
+    file_starts_with,
+    onnx_files,
+)
 
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -98,14 +106,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _resolve_output(output: str | Path) -> Path:
+def _resolve_output(output: str | Path, force: bool) -> tuple[Path, bool]:
+    """(the graph's path, whether the export is a folder of its own). A folder (existing, or a
+    new path without a suffix) is swapped in whole; a ``.onnx`` path writes beside files that
+    belong to someone else, so it must not replace any of them unless they are this export's."""
     out = Path(output)
-    if out.is_dir():
-        out = out / MODEL_FILE
-    elif out.suffix != ".onnx":
-        raise GptsError(f"{out}: expected a .onnx file path or an existing folder")
+    if out.is_dir() or (not out.exists() and out.suffix == ""):
+        check_output_dir(out, ONNX_KIND, force=force)
+        return out / MODEL_FILE, True
+    if out.suffix != ".onnx" and not force:
+        raise GptsError(f"{out}: expected a .onnx file path or a folder (or pass --force)")
     require_output_dir(out.parent)
-    return out
+    clean_stale(out)
+    if not force:
+        # Sidecars (config.json, tokenizer.json...) are shared names: replace them only when
+        # they sit beside a previous export of this graph, never beside someone else's files.
+        owned = onnx_files(out.name)
+        taken = sorted(n for n in owned if (out.parent / n).exists())
+        if taken and not (out.is_file() and file_starts_with(b"\x08")(out)):
+            raise GptsError(
+                f"{out.parent}: already holds {', '.join(taken[:3])} and no previous {out.name} export; "
+                "export into a folder of its own, or pass --force to replace them"
+            )
+    return out, False
 
 
 def export_onnx(
@@ -117,6 +140,7 @@ def export_onnx(
     log: Callable[[str], None] = print,
     last_logits_graph: bool = False,
     decode_graph: bool = False,
+    force: bool = False,
 ) -> Path:
     """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files.
 
@@ -129,7 +153,7 @@ def export_onnx(
         raise GptsError(
             f"--quantize: unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}"
         )
-    out = _resolve_output(output)
+    out, own_folder = _resolve_output(output, force)
     top = max_supported_opset()
     opset = DEFAULT_OPSET if opset is None else opset
     if not MIN_OPSET <= opset <= top:
@@ -172,11 +196,15 @@ def export_onnx(
         )
         check_model(dec)
         sidecars[decode_name(out.name)] = dec.SerializeToString()
+    sidecars[out.name] = data  # last: a folder holding the graph holds its sidecars too
     try:
-        # The model goes last, so a folder holding model.onnx always holds its sidecars too.
-        for name, content in sidecars.items():
-            _write_atomic(out.parent / name, content)
-        _write_atomic(out, data)
+        if own_folder:
+            with export_folder(out.parent, ONNX_KIND, force=force) as tmp:
+                for name, content in sidecars.items():
+                    (tmp / name).write_bytes(content)
+        else:
+            for name, content in sidecars.items():
+                _write_atomic(out.parent / name, content)
     except OSError as exc:
         raise GptsError(f"{out.parent}: cannot write the export ({exc.strerror or exc})") from None
     return out
@@ -210,9 +238,10 @@ def export_to_folder(
     """Export into a fresh folder atomically (temp folder beside it, then rename); used by caches."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    clean_stale(folder)  # temp folders of killed exports into this cache entry
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-p{os.getpid()}-", dir=folder.parent))
     try:
-        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, decode_graph=True)
+        export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, decode_graph=True, force=True)
         try:
             os.rename(tmp, folder)
         except OSError:

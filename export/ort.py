@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import require_output_dir
+from gpts_edge.outputs import FolderKind, check_output_dir, clean_stale, export_folder, onnx_files
 
 ORT_FILE = "model.ort"
 OPS_CONFIG_FILE = "required_operators.config"
@@ -30,6 +30,9 @@ OPS_CONFIG_FILE = "required_operators.config"
 # which names model.onnx (this folder has model.ort instead). Everything else (config.json,
 # tokenizer.json, tokenizer_config.json, generation_config.json) is copied so the folder runs alone.
 LEFT_BEHIND = ("model.onnx", "genai_config.json")
+ORT_KIND = FolderKind(
+    "ORT export", ORT_FILE, frozenset({ORT_FILE, OPS_CONFIG_FILE, *onnx_files()} - set(LEFT_BEHIND))
+)
 # Mobile and Raspberry Pi targets are ARM; "arm" keeps the converter from baking x86-only
 # layouts (NCHWc) into the fixed-optimization graph. The result still runs on x86.
 DEFAULT_TARGET = "arm"
@@ -87,18 +90,13 @@ def _write_ops_config(src: Path, dst: Path) -> None:
     dst.write_text("\n".join(header + body) + "\n")
 
 
-def _prepare_output(output: str | Path) -> Path:
-    # Resolved so "-o ." names a real folder (the scratch folder is created beside it).
-    out = Path(output).resolve()
+def _prepare_output(output: str | Path, force: bool) -> Path:
+    out = Path(output)
     if out.suffix == ".ort":
         raise GptsError(
             f"{out}: --format ort writes a folder (model.ort + sidecar files); pass a folder path"
         )
-    if out.exists() and not out.is_dir():
-        raise GptsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / ORT_FILE).is_file():
-        raise GptsError(f"{out}: folder is not empty and holds no {ORT_FILE}; refusing to replace it")
-    require_output_dir(out.parent)
+    check_output_dir(out, ORT_KIND, force=force)
     return out
 
 
@@ -109,6 +107,7 @@ def export_ort(
     quantize: str = "none",
     target_platform: str = DEFAULT_TARGET,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> Path:
     """Export ``model`` (a checkpoint folder; None: the bundled one) to ``output_dir``/model.ort.
 
@@ -118,9 +117,9 @@ def export_ort(
 
     if target_platform not in ("arm", "amd64"):
         raise GptsError(f"target_platform: expected arm or amd64, found {target_platform!r}")
-    out = _prepare_output(output_dir)
-    parent = out.parent
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    out = _prepare_output(output_dir, force)
+    clean_stale(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-p{os.getpid()}-", dir=out.parent))
     try:
         onnx_dir = scratch / "onnx"
         ort_dir = scratch / "ort"
@@ -130,23 +129,20 @@ def export_ort(
         onnx_path = export_onnx(model, onnx_dir / MODEL_FILE, quantize=quantize, log=log)
         log(f"[ort 2/3] converting to ORT format (optimized for {target_platform})")
         _convert(onnx_path, ort_dir, target_platform, log)
-        final = scratch / "final"
-        final.mkdir()
-        os.replace(ort_dir / ORT_FILE, final / ORT_FILE)
-        _write_ops_config(_find_ops_config(ort_dir), final / OPS_CONFIG_FILE)
-        for f in sorted(onnx_dir.iterdir()):
-            if f.is_file() and f.name not in LEFT_BEHIND:
-                shutil.copyfile(f, final / f.name)
-        for f in final.iterdir():
-            f.chmod(0o644)  # mkstemp files are private; an app bundle needs them readable
-        final.chmod(0o755)
-        size = (final / ORT_FILE).stat().st_size
-        log(f"[ort 3/3] writing {out} ({ORT_FILE}: {size:,} bytes)")
-        # Swap in the new folder: the old one (if any) moves aside first, so `out` is only ever
-        # absent between two renames, never half-written.
-        if out.exists():
-            os.replace(out, scratch / "old")  # removed with the scratch folder below
-        os.replace(final, out)
+        # The new folder is swapped in whole: the old one (if any) moves aside first, so `out`
+        # is only ever absent between two renames, never half-written.
+        with export_folder(out, ORT_KIND, force=force) as final:
+            os.replace(ort_dir / ORT_FILE, final / ORT_FILE)
+            _write_ops_config(_find_ops_config(ort_dir), final / OPS_CONFIG_FILE)
+            for f in sorted(onnx_dir.iterdir()):
+                if f.is_file() and f.name not in LEFT_BEHIND:
+                    shutil.copyfile(f, final / f.name)
+            for f in final.iterdir():
+                if f.name in ORT_KIND.owned:
+                    f.chmod(0o644)  # mkstemp files are private; an app bundle needs them readable
+            final.chmod(0o755)
+            size = (final / ORT_FILE).stat().st_size
+            log(f"[ort 3/3] writing {out} ({ORT_FILE}: {size:,} bytes)")
     except OSError as exc:
         raise GptsError(f"{out}: cannot write the ORT export ({exc.strerror or exc})") from None
     finally:

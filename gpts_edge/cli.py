@@ -46,11 +46,14 @@ def _fail(exc: GptsError) -> None:
 @app.command()
 def info(
     model: Annotated[
-        str | None, typer.Argument(help="Checkpoint directory (default: the bundled model).")
+        str | None,
+        typer.Argument(
+            help="Checkpoint folder, ONNX/ORT folder or file, or .gguf (default: the bundled model)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Describe a checkpoint: parameters, config, vocabulary, files, weights sha256."""
+    """Describe a model (any format the project writes): parameters, config, files, sha256."""
     from gpts_edge.inspect import describe
 
     try:
@@ -212,6 +215,10 @@ def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
+FORCE_HELP = (
+    "Write into a folder that holds other files (only the export's own files are replaced), "
+    "or to a file of another name or format."
+)
 QUANTIZE_HELP = "onnx/ort: none | int8 | int4; gguf: f32 | f16 | q8_0 | q4_0 (default: full precision)"
 
 
@@ -232,6 +239,7 @@ def export(
             help="ONNX: onnx | transformersjs (folder with onnx/model*.onnx; --quantize may list several)"
         ),
     ] = "onnx",
+    force: Annotated[bool, typer.Option(help=FORCE_HELP)] = False,
 ) -> None:
     """Export a checkpoint to ONNX (with KV cache), GGUF, ORT (mobile) or a Hugging Face folder."""
     from gpts_edge.formats import get_format
@@ -248,7 +256,7 @@ def export(
         if layout == "transformersjs":
             from gpts_edge.export.compat import export_transformersjs
 
-            export_transformersjs(model, output, quantize=q or "none", opset=opset, log=_log)
+            export_transformersjs(model, output, quantize=q or "none", opset=opset, log=_log, force=force)
             return
         extra: dict = {}
         if format == "onnx":
@@ -257,7 +265,7 @@ def export(
             raise GptsError(f"--opset: only applies to --format onnx (and ort through it), not {format}")
         if format == "gguf":
             extra["arch"] = arch
-        fmt.export(model, output, quantize=q, log=_log, **extra)
+        fmt.export(model, output, quantize=q, log=_log, force=force, **extra)
     except GptsError as exc:
         _fail(exc)
 
@@ -267,12 +275,13 @@ def import_(
     source: Annotated[str, typer.Argument(help="A .gguf file or a Hugging Face folder.")],
     format: Annotated[str, typer.Option("--format", help="gguf | hf")],
     output: Annotated[str, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
+    force: Annotated[bool, typer.Option(help=FORCE_HELP)] = False,
 ) -> None:
     """Turn a GGUF file or HF folder back into a checkpoint directory."""
     from gpts_edge.formats import get_format
 
     try:
-        get_format(format, importable=True).import_(source, output)
+        get_format(format, importable=True).import_(source, output, force=force)
     except GptsError as exc:
         _fail(exc)
     typer.echo(f"wrote {output}")
@@ -406,15 +415,17 @@ def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
     out: Annotated[str, typer.Option("-o", "--output", "--out", help="Output tokenizer.json.")],
     vocab_size: Annotated[int, typer.Option()] = 4096,
+    force: Annotated[bool, typer.Option(help=FORCE_HELP)] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer (<|endoftext|> = id 0)."""
     from gpts_edge.textdata import expand_paths
-    from gpts_edge.tokenizer import iter_texts, save_tokenizer, train_tokenizer
+    from gpts_edge.tokenizer import check_tokenizer_output, iter_texts, save_tokenizer, train_tokenizer
 
     try:
+        check_tokenizer_output(Path(out), force=force)
         files = [f for spec in data for f in expand_paths(spec)]
         tok = train_tokenizer(iter_texts(files), vocab_size)
-        save_tokenizer(tok, Path(out))
+        save_tokenizer(tok, Path(out), force=force)
     except GptsError as exc:
         _fail(exc)
     typer.echo(f"wrote {out} ({vocab_size} tokens)")

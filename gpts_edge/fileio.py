@@ -29,7 +29,8 @@ def require_output_dir(parent: Path) -> None:
 def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success its files are synced and it is
     renamed to ``out`` (replacing an old one), on any error or Ctrl-C it is removed."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The process id in the name tells a later writer whether this temp folder is stale.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-p{os.getpid()}-", dir=out.parent))
     try:
         # mkdtemp's 0700 would make a model folder private; honour the umask instead.
         os.chmod(tmp, umask_mode(0o777) if mode is None else mode)
@@ -49,7 +50,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; on success it is synced, given the usual
     umask mode and renamed to ``path``; on any error or Ctrl-C it is removed. Readers see the
     old file or the new one, never a half-written one."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -67,16 +67,16 @@ class Format:
             return export_hf(model, output, log=log, **extra)
         raise AssertionError(self.name)
 
-    def import_(self, source: str | Path, output: str | Path) -> Path:
-        """Read an export back into a checkpoint directory."""
+    def import_(self, source: str | Path, output: str | Path, *, force: bool = False) -> Path:
+        """Read an export back into a checkpoint directory (overwrite rules: gpts_edge.outputs)."""
         if self.name == "gguf":
             from gpts_edge.export.gguf import import_gguf
 
-            return import_gguf(source, output)
+            return import_gguf(source, output, force=force)
         if self.name == "hf":
             from gpts_edge.export.hf import import_hf
 
-            return import_hf(source, output)
+            return import_hf(source, output, force=force)
         importable = ", ".join(f.name for f in FORMATS.values() if f.importable)
         raise GptsError(f"--format {self.name}: cannot be imported; importable formats: {importable}")
 

@@ -49,11 +49,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    """Atomic write: a temp file beside ``path``, then rename (a failed save leaves no temp file)."""
-    from gpts_edge.fileio import atomic_file, require_output_dir
+def _is_tokenizer_json(path: Path) -> bool:
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception:  # tokenizers raises a bare Exception on anything it cannot read
+        return False
+    return True
 
-    require_output_dir(path.parent)
+
+def check_tokenizer_output(path: Path, *, force: bool = False) -> Path:
+    """A .json path that is new or a tokenizer.json (anything, with ``force``): checked before
+    training, so a bad -o fails in a second, not after the training run."""
+    from gpts_edge.outputs import check_output_file
+
+    return check_output_file(
+        path, ".json", force=force, same_format=_is_tokenizer_json, what="tokenizers tokenizer.json"
+    )
+
+
+def save_tokenizer(tok: Tokenizer, path: Path, *, force: bool = False) -> None:
+    """Atomic write: a temp file beside ``path``, then rename (a failed save leaves no temp file)."""
+    from gpts_edge.fileio import atomic_file
+
+    check_tokenizer_output(path, force=force)
     with atomic_file(path) as tmp:
         tok.save(str(tmp))
 

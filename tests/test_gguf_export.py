@@ -156,7 +156,7 @@ def test_export_refuses_llama_arch_for_xsa_checkpoint(tiny_checkpoint, tmp_path)
 
 def test_export_failure_leaves_existing_output_untouched(tiny_checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"previous")
+    out.write_bytes(b"GGUF previous")  # a (broken) earlier export: replacing it needs no --force
 
     def boom(self, *a, **k):
         raise OSError("disk full")
@@ -165,7 +165,7 @@ def test_export_failure_leaves_existing_output_untouched(tiny_checkpoint, tmp_pa
     # A failed write is one clear line, never a bare OSError traceback.
     with pytest.raises(GptsError, match=r": cannot write the export \(disk full\)"):
         export_gguf(tiny_checkpoint, out, log=lambda m: None)
-    assert out.read_bytes() == b"previous"
+    assert out.read_bytes() == b"GGUF previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 

@@ -232,12 +232,18 @@ def test_hf_export_failure_leaves_nothing_behind(tiny_checkpoint, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_hf_export_replaces_existing_folder_and_rejects_missing_parent(tiny_checkpoint, tmp_path):
+def test_hf_export_keeps_other_files_replaces_its_own_and_rejects_missing_parent(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
-    export_hf(tiny_checkpoint, out, log=lambda m: None)
-    assert not (out / "stale.txt").exists() and (out / "modeling_gpts.py").is_file()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(GptsError, match="not a previous Hugging Face export"):
+        export_hf(tiny_checkpoint, out, log=lambda m: None)
+    export_hf(tiny_checkpoint, out, log=lambda m: None, force=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "modeling_gpts.py").is_file()
+    (out / "notes.txt").unlink()
+    (out / "README.md").write_text("old card")
+    export_hf(tiny_checkpoint, out, log=lambda m: None)  # a previous export: replaced, no --force
+    assert (out / "README.md").read_text() != "old card"
     with pytest.raises(GptsError, match="output directory does not exist"):
         export_hf(tiny_checkpoint, tmp_path / "no" / "such" / "dir", log=lambda m: None)
 
