@@ -29,6 +29,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import check_readable
 from gpts_edge.generation import Runtime, TextModel
 
 RUNTIMES = ("onnx", "gguf", "torch")
@@ -51,6 +52,7 @@ def model_kind(model: str | Path | None) -> str:
         raise GptsError(
             f"{p}: expected a checkpoint folder, an ONNX folder, a .onnx/.ort file or a .gguf file"
         )
+    check_readable(p)  # an unlistable folder is "cannot read", not "holds no model"
     if (p / WEIGHTS_FILE).is_file():
         return "checkpoint"
     if (p / ONNX_MODEL_FILE).is_file() or (p / ORT_MODEL_FILE).is_file() or any(p.glob("*.onnx")):

@@ -95,3 +95,16 @@ def test_threads_scoring_and_generating_at_once_agree_with_sequential(model) -> 
         else:
             assert v == want_text
     assert len(out) == THREADS
+
+
+def test_threads_sharing_one_gguf_model_get_the_sequential_results(
+    tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("gguf")
+    from gpts_edge.export.gguf import export_gguf
+
+    path = export_gguf(tiny_checkpoint, tmp_path_factory.mktemp("gguf") / "m.gguf", log=lambda _m: None)
+    m = load(path)
+    kwargs = dict(max_new_tokens=30, temperature=1.0, top_k=0, top_p=1.0)
+    expected = [m.generate(p, seed=s, **kwargs) for p, s in map(_job, range(THREADS))]
+    assert _run_together(m, kwargs) == expected
