@@ -123,9 +123,10 @@ def _resolve_output(output: str | Path, force: bool) -> tuple[Path, bool]:
         # they sit beside a previous export of this graph, never beside someone else's files.
         owned = onnx_files(out.name)
         taken = sorted(n for n in owned if (out.parent / n).exists())
-        if taken and not (out.is_file() and file_starts_with(b"\x08")(out)):
+        is_graph = file_starts_with(b"\x08")  # an ONNX ModelProto opens with ir_version (field 1)
+        if taken and not any(is_graph(p) for p in out.parent.glob("*.onnx")):
             raise GptsError(
-                f"{out.parent}: already holds {', '.join(taken[:3])} and no previous {out.name} export; "
+                f"{out.parent}: already holds {', '.join(taken[:3])} and no ONNX export; "
                 "export into a folder of its own, or pass --force to replace them"
             )
     return out, False
