@@ -18,7 +18,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import unreadable
+from gpts_edge.fileio import check_readable, unreadable
 
 
 def describe(model: str | Path | None = None) -> dict[str, Any]:
@@ -45,7 +45,10 @@ def describe(model: str | Path | None = None) -> dict[str, Any]:
 def _is_onnx_export(p: Path) -> bool:
     if p.is_file():
         return p.suffix in (".onnx", ".ort")
-    if not p.is_dir() or (p / WEIGHTS_FILE).exists():
+    if not p.is_dir():
+        return False
+    check_readable(p)  # an unlistable folder: "cannot read", named, whatever it holds
+    if (p / WEIGHTS_FILE).exists():
         return False
     return (p / ORT_MODEL_FILE).is_file() or any(p.glob("*.onnx"))
 

@@ -45,6 +45,7 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("bad")
     (p / "corpus.txt").write_text("some words to train on\n" * 20)
     (p / "notes.txt").write_text("my notes")
+    (p / "package.json").write_text('{"name": "app"}')
     (p / "sub").mkdir()
     (p / "fake.gguf").write_bytes(b"GGUF" + bytes(40))
     (p / "mine").mkdir()
@@ -94,6 +95,30 @@ FAST_CASES = {
         None,
         "not a previous Hugging Face export",
     ),
+    "export_onnx_without_suffix": (
+        ["export", "--format", "onnx", "-o", "notes.txt"],
+        ".",
+        None,
+        "expected a .onnx file path or a folder",
+    ),
+    "export_onnx_into_a_folder_of_other_files": (
+        ["export", "--format", "onnx", "-o", "mine"],
+        ".",
+        None,
+        "not a previous ONNX export",
+    ),
+    "export_ort_into_a_folder_of_other_files": (
+        ["export", "--format", "ort", "-o", "mine"],
+        ".",
+        None,
+        "not a previous ORT export",
+    ),
+    "tokenizer_over_a_json_that_is_not_one": (
+        ["tokenizer", "train", "--data", "corpus.txt", "-o", "package.json"],
+        ".",
+        None,
+        "exists and is not a tokenizers tokenizer.json",
+    ),
     "import_into_a_folder_of_other_files": (
         ["import", "--format", "gguf", "fake.gguf", "-o", "mine"],
         ".",
@@ -111,6 +136,7 @@ def test_bad_input_is_one_error_line_and_exit_2(case: str, place: Path) -> None:
     assert_one_error(result, needle)
     assert sorted(p.name for p in (place / "mine").iterdir()) == before  # nothing deleted
     assert (place / "notes.txt").read_text() == "my notes"
+    assert (place / "package.json").read_text() == '{"name": "app"}'
 
 
 def test_version_prints_the_package_version() -> None:
