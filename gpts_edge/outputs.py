@@ -53,7 +53,9 @@ class FolderKind:
     owned: frozenset[str]
 
     def foreign(self, folder: Path) -> list[str]:
-        return sorted(p.name for p in folder.iterdir() if p.name not in self.owned and not _is_ours(p.name))
+        # Every other entry is the user's, hidden ones included: our temp entries live beside
+        # the folder, never in it.
+        return sorted(p.name for p in folder.iterdir() if p.name not in self.owned)
 
 
 _SIDECARS = (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_FILE, GENAI_FILE)
@@ -71,15 +73,11 @@ def onnx_files(model_file: str = ONNX_MODEL_FILE) -> frozenset[str]:
 ONNX_KIND = FolderKind("ONNX export", ONNX_MODEL_FILE, onnx_files())
 
 
-def _is_ours(name: str) -> bool:
-    """Hidden temp entries of our writers (handled by ``clean_stale``, never carried over)."""
-    return name.startswith(".") and bool(_TEMP.search(name))
-
-
-# .NAME.tmp-*, .NAME.old-PID, .NAME.tok-* (folders) and .NAME.*.tmp (files, atomic_file).
-_TEMP = re.compile(r"\.(tmp-|old-|tok-)|\.tmp$")
-# The writer's process id, as fileio puts it into temp names (p1234 / old-1234).
-_PID = re.compile(r"^(?:tmp-p|tok-p|old-|p)(\d+)(?:-|\.|$)")
+# What follows ".NAME." in our temp names: mkdtemp/mkstemp's 8 random characters, after the
+# writer's process id (p1234) in current names; old-1234 is a swapped-out folder.
+_TEMP_NAME = re.compile(
+    r"^(?:(?:tmp|tok)-(?:p(?P<a>\d+)-)?[a-z0-9_]{8}|old-(?P<b>\d+)|(?:p(?P<c>\d+)\.)?[a-z0-9_]{8}\.tmp)$"
+)
 
 
 def check_not_enclosing(out: Path) -> Path:
@@ -101,8 +99,7 @@ def check_output_dir(out: Path, kind: FolderKind, *, force: bool) -> None:
     require_output_dir(out.parent)
     if not out.is_dir() or force:
         return
-    entries = [p for p in out.iterdir() if not _is_ours(p.name)]
-    if not entries:
+    if not any(out.iterdir()):
         return
     if not (out / kind.key).exists():
         raise GptsError(
@@ -192,12 +189,13 @@ def clean_stale(target: Path) -> list[Path]:
     except OSError:
         return removed
     for p in entries:
-        rest = p.name[len(name) + 2 :]
-        if not (rest.startswith(("tmp-", "old-", "tok-")) or rest.endswith(".tmp")):
+        m = _TEMP_NAME.match(p.name[len(name) + 2 :])
+        if m is None:
             continue
-        if not _stale(p, rest):
+        pid = m.group("a") or m.group("b") or m.group("c")
+        if not _stale(p, None if pid is None else int(pid)):
             continue
-        if rest.startswith("old-") and not target.exists():
+        if m.group("b") and not target.exists():
             try:
                 os.rename(p, target)  # the new one never arrived: the old export comes back
                 continue
@@ -211,13 +209,9 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
-def _stale(p: Path, rest: str) -> bool:
-    m = _PID.search(rest)
-    if m:
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            return False
-        return not _alive(pid)
+def _stale(p: Path, pid: int | None) -> bool:
+    if pid is not None:
+        return pid != os.getpid() and not _alive(pid)
     try:
         return time.time() - p.lstat().st_mtime > STALE_AFTER_S
     except OSError:

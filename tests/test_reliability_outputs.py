@@ -163,21 +163,22 @@ def test_stale_temp_entries_of_dead_writers_are_cleaned_live_and_recent_ones_kep
     target = tmp_path / "m.gguf"
     dead, live = _dead_pid(), os.getppid()
     entries = {
-        f".m.gguf.p{dead}.abc123.tmp": True,  # atomic_file of a dead process
-        f".m.gguf.p{live}.def456.tmp": False,  # of a live one
-        ".m.gguf.zz9x_.tmp": None,  # older naming, no pid: by age
-        f".m.gguf.tmp-p{dead}-q1": True,
-        f".m.gguf.tok-p{dead}-q2": True,
-        ".other.gguf.p1.x.tmp": False,  # another target's
+        f".m.gguf.p{dead}.abc123de.tmp": True,  # atomic_file of a dead process
+        f".m.gguf.p{live}.def456gh.tmp": False,  # of a live one
+        ".m.gguf.zz9x_abc.tmp": None,  # older naming, no pid: by age
+        f".m.gguf.tmp-p{dead}-q1q1q1q1": True,
+        f".m.gguf.tok-p{dead}-q2q2q2q2": True,
+        ".m.gguf.old.gguf.tmp": False,  # not our shape of name
+        ".m.gguf2.p1.abcdefgh.tmp": False,  # another target's
         ".m.gguf.notes": False,  # not a temp name
     }
     for name in entries:
         (tmp_path / name).write_bytes(b"x")
     old = time.time() - STALE_AFTER_S - 10
-    os.utime(tmp_path / ".m.gguf.zz9x_.tmp", (old, old))
+    os.utime(tmp_path / ".m.gguf.zz9x_abc.tmp", (old, old))
     removed = {p.name for p in clean_stale(target)}
     assert removed == {n for n, gone in entries.items() if gone is not False}
-    (tmp_path / ".m.gguf.new.tmp").write_bytes(b"x")  # recent, no pid: a writer may be running
+    (tmp_path / ".m.gguf.newnew12.tmp").write_bytes(b"x")  # recent, no pid: a writer may be running
     assert clean_stale(target) == []
 
 
@@ -192,7 +193,7 @@ def test_a_swap_killed_between_its_renames_gets_the_old_export_back(tmp_path: Pa
 
 def test_export_folder_cleans_the_stale_temp_of_a_killed_export(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    stale = tmp_path / f".ckpt.tmp-p{_dead_pid()}-abc"
+    stale = tmp_path / f".ckpt.tmp-p{_dead_pid()}-abcdefgh"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
     with export_folder(out, CHECKPOINT_KIND) as tmp:
