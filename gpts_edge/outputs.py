@@ -123,7 +123,9 @@ def export_folder(out: str | Path, kind: FolderKind, *, force: bool = False) -> 
     out = Path(out)
     check_output_dir(out, kind, force=force)
     clean_stale(out)
-    with atomic_dir(out) as tmp:
+    # A folder being replaced keeps its permissions (a private folder stays private).
+    mode = out.stat().st_mode & 0o7777 if out.is_dir() else None
+    with atomic_dir(out, mode) as tmp:
         yield tmp
         if out.is_dir():
             for name in kind.foreign(out):

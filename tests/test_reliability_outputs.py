@@ -51,8 +51,10 @@ def test_force_replaces_only_the_exports_files_and_keeps_the_users(
     with pytest.raises(GptsError, match=f"{out}: folder is not empty and is not a previous"):
         export_hf(tiny_checkpoint, out, log=quiet)
     assert (out / "README.md").read_text().startswith("my readme")
+    out.chmod(0o700)
     export_hf(tiny_checkpoint, out, log=quiet, force=True)
     assert (out / "photos" / "cat.jpg").read_bytes() == b"\xff\xd8 a cat"
+    assert out.stat().st_mode & 0o777 == 0o700  # a private folder stays private
     assert (out / "modeling_gpts.py").is_file() and "my readme" not in (out / "README.md").read_text()
     # Now it is a previous export with a foreign entry: still refused without --force.
     with pytest.raises(GptsError, match=r"not part of a Hugging Face export \(photos\)"):
