@@ -96,13 +96,13 @@ def generate(
     """Continue a prompt with the shared sampler."""
     from gpts_edge.api import open_runtime
     from gpts_edge.generation import check_prompt, generate_text, sampling_options
+    from gpts_edge.sampling import check_seed
 
     try:
         if prompt == "-":
             prompt = _read_stdin()
         check_prompt(prompt)  # before the model loads and before the prompt is echoed
-        if not 0 <= seed < 2**64:
-            raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
+        check_seed(seed)
         rt = open_runtime(runtime, model)
         opts = sampling_options(
             rt.generation_config,

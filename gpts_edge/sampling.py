@@ -112,6 +112,12 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
     return idx
 
 
+def check_seed(seed: int) -> None:
+    """numpy's generator takes seeds in 0..2**64-1 (and raises a bare ValueError otherwise)."""
+    if not 0 <= seed < 2**64:
+        raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
+
+
 def generate_tokens(
     step: StepFn,
     new_cache: Callable[[], Any],
@@ -130,8 +136,7 @@ def generate_tokens(
     When the context fills up, the window slides: the cache is dropped and the most recent
     3/4 of the context is prefilled again (positions restart at 0), then generation goes on.
     """
-    if not 0 <= seed < 2**64:
-        raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
+    check_seed(seed)
     ids = [int(t) for t in prompt_ids] or [eos_id]
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
