@@ -29,7 +29,8 @@ public func generate<M: StepModel>(
         history.append(tok)
         if !onToken(tok) || tok == eotId { return }
         if filled + 1 > model.contextLength {
-            let keep = Array(history.suffix(model.contextLength * 3 / 4))
+            // At least one token: 3/4 of a context under 4 rounds to 0.
+            let keep = Array(history.suffix(max(1, model.contextLength * 3 / 4)))
             (logits, cache) = try model.step(keep.map(Int64.init), try model.newCache())
             filled = keep.count
         } else {

@@ -36,7 +36,8 @@ fun <C> generate(
         history.add(tok)
         if (!onToken(tok) || tok == EOT_ID) return
         if (filled + 1 > model.contextLength) {
-            val keep = history.subList(history.size - model.contextLength * 3 / 4, history.size)
+            // At least one token: 3/4 of a context under 4 rounds to 0.
+            val keep = history.subList(history.size - maxOf(1, model.contextLength * 3 / 4), history.size)
             val r = model.step(LongArray(keep.size) { keep[it].toLong() }, model.newCache())
             logits = r.first
             cache = r.second
