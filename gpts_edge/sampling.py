@@ -111,6 +111,78 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
     return idx
 
 
+class SequenceSampler:
+    """One sequence's sampling state, advanced one token at a time by whoever runs the model.
+
+    ``generate_tokens`` drives it with a runtime's ``step``; the server's batch scheduler drives
+    many of them with one batched model step. Either way the tokens are the same for the same
+    prompt, options and seed: the draws come from ``np.random.default_rng(seed)`` in order.
+
+    Protocol: feed ``self.feed`` to the model (after a fresh cache when ``self.reset``), pass the
+    logits to ``advance``; repeat while ``not self.done``.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        opts: SamplingOptions,
+        *,
+        context_length: int,
+        vocab_size: int,
+        eos_id: int = 0,
+        seed: int = 0,
+        draws: Iterator[float] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        ids = [int(t) for t in prompt_ids] or [eos_id]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GptsError(f"token id {bad[0]} is outside the vocabulary (expected 0..{vocab_size - 1})")
+        self.truncated_from = 0  # the prompt's length in tokens when it had to be cut, else 0
+        if len(ids) > context_length:
+            self.truncated_from = len(ids)
+            if warn:
+                warn(
+                    f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)"
+                )
+            ids = ids[-context_length:]
+        if draws is None:
+            draws = iter(np.random.default_rng(seed).random, None)
+        self.opts, self.context_length, self.eos_id = opts, context_length, eos_id
+        self._draws, self._warn = draws, warn
+        self.prompt = list(ids)
+        self.history = list(ids)
+        self.feed: list[int] = list(ids)  # what the model must read next
+        self.reset = True  # the model must start from a fresh cache before reading ``feed``
+        self.filled = 0  # positions in the model's cache once ``feed`` is read
+        self.generated = 0
+        self.slid = False
+        self.done = opts.max_new_tokens == 0
+
+    def advance(self, logits: np.ndarray) -> int:
+        """Sample the next token from the logits after ``feed``; sets the next ``feed``."""
+        self.filled = len(self.feed) if self.reset else self.filled + len(self.feed)
+        tok = sample(logits, self.opts, self.history, next(self._draws))
+        self.history.append(tok)
+        self.generated += 1
+        self.reset = False
+        if (self.opts.stop_at_eos and tok == self.eos_id) or self.generated >= self.opts.max_new_tokens:
+            self.done = True  # no model step whose logits nobody reads
+            self.feed = []
+        elif self.filled + 1 > self.context_length:
+            keep = self.history[-(self.context_length * 3 // 4) :]
+            if self._warn and not self.slid:
+                self._warn(
+                    f"note: context of {self.context_length} tokens is full; sliding the window "
+                    f"(re-reading the last {len(keep)} tokens)"
+                )
+            self.slid = True
+            self.feed, self.reset = keep, True
+        else:
+            self.feed = [tok]
+        return tok
+
+
 def generate_tokens(
     step: StepFn,
     new_cache: Callable[[], Any],
@@ -129,41 +201,22 @@ def generate_tokens(
     When the context fills up, the window slides: the cache is dropped and the most recent
     3/4 of the context is prefilled again (positions restart at 0), then generation goes on.
     """
-    ids = [int(t) for t in prompt_ids] or [eos_id]
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise GptsError(f"token id {bad[0]} is outside the vocabulary (expected 0..{vocab_size - 1})")
-    if len(ids) > context_length:
-        if warn:
-            warn(f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)")
-        ids = ids[-context_length:]
-    rng = np.random.default_rng(seed)
-    if draws is None:
-        draws = iter(rng.random, None)
-    history = list(ids)
+    seq = SequenceSampler(
+        prompt_ids,
+        opts,
+        context_length=context_length,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seed=seed,
+        draws=draws,
+        warn=warn,
+    )
     cache = new_cache()
-    logits, cache = step(np.asarray(ids, dtype=np.int64), cache)
-    filled = len(ids)
-    slid = False
-    for i in range(opts.max_new_tokens):
-        tok = sample(logits, opts, history, next(draws))
-        yield tok
-        history.append(tok)
-        if opts.stop_at_eos and tok == eos_id:
+    logits, cache = step(np.asarray(seq.feed, dtype=np.int64), cache)
+    while not seq.done:
+        yield seq.advance(logits)
+        if seq.done:
             return
-        if i == opts.max_new_tokens - 1:  # no model step whose logits nobody reads
-            return
-        if filled + 1 > context_length:
-            keep = history[-(context_length * 3 // 4) :]
-            if warn and not slid:
-                warn(
-                    f"note: context of {context_length} tokens is full; sliding the window "
-                    f"(re-reading the last {len(keep)} tokens)"
-                )
-            slid = True
+        if seq.reset:
             cache = new_cache()
-            logits, cache = step(np.asarray(keep, dtype=np.int64), cache)
-            filled = len(keep)
-        else:
-            logits, cache = step(np.asarray([tok], dtype=np.int64), cache)
-            filled += 1
+        logits, cache = step(np.asarray(seq.feed, dtype=np.int64), cache)
