@@ -367,6 +367,42 @@ def web(
         _fail(exc)
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
+    runtime: Annotated[str, typer.Option(help="onnx | gguf | torch")] = "onnx",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    parallel: Annotated[int, typer.Option(help="Sequences decoded together in one batched step.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a free row (then 429).")] = 64,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for the model.")] = 1,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set GPTS_EDGE_API_KEY).")
+    ] = None,
+    json_logs: Annotated[
+        bool, typer.Option("--json-logs", help="One JSON object per request log line.")
+    ] = False,
+) -> None:
+    """OpenAI-compatible completions server (/v1/completions, streaming, continuous batching)."""
+    from gpts_edge.serve import serve as run_server
+
+    try:
+        run_server(
+            model,
+            runtime=runtime,
+            host=host,
+            port=port,
+            parallel=parallel,
+            max_queue=max_queue,
+            threads=threads,
+            api_key=api_key,
+            json_logs=json_logs,
+            log=lambda m: typer.echo(m, err=True),
+        )
+    except GptsError as exc:
+        _fail(exc)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
