@@ -257,7 +257,8 @@ class Scheduler:
         try:
             # Rows that start (new, or sliding past the context) read their tokens first.
             for row, seq in enumerate(self._active):
-                if seq.sampler.reset:
+                # A full prompt slides right after its first token: read the kept tokens too.
+                while seq.sampler.reset and not (seq.finished or seq.sampler.done):
                     self._advance(seq, self.backend.prefill(row, seq.sampler.feed))
             self._retire()
             if not self._active:

@@ -99,6 +99,8 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched) -> Non
     # One prompt near the end of the context, so it slides while others decode.
     long_ids = [int(t) for t in np.random.default_rng(1).integers(1, 4096, 378)]
     cases.append((long_ids, sampling_options(rt.generation_config, max_new_tokens=12), 7))
+    # And one longer than the context: it keeps its end, and slides right after its first token.
+    cases.append((long_ids * 2, sampling_options(rt.generation_config, max_new_tokens=4), 8))
     sch = Scheduler(rt, slots=4, max_queue=64, batched=batched)
     try:
         assert sch.batched is batched
