@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,10 @@ class Scheduler:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: list[Sequence] = []  # row r holds _active[r]
         self._stop = False
+        # Rows are sampled on a small pool when more than one thread is allowed (each row's sampler
+        # is its own, so the order of work does not change any token).
+        self._pool_size = max(1, threads)
+        self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
         self.stats = {"steps": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
         self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
         self._thread.start()
@@ -173,6 +177,8 @@ class Scheduler:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     # --- scheduler thread ----------------------------------------------------------------------------
 
@@ -185,9 +191,10 @@ class Scheduler:
         with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
             seq.on_done(reason, err)
 
-    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        s = seq.sampler
-        tok = s.advance(logits)
+    @staticmethod
+    def _sample(seq: Sequence, logits: np.ndarray) -> TokenEvent:
+        """The row's next token (touches only this sequence: safe on a pool thread)."""
+        tok = seq.sampler.advance(logits)
         event = TokenEvent(tok)
         if seq.logprobs is not None:
             lp = _log_softmax(logits)
@@ -195,6 +202,9 @@ class Scheduler:
             if seq.logprobs:
                 top = np.argsort(-lp, kind="stable")[: seq.logprobs]
                 event.top = [(int(t), float(lp[t])) for t in top]
+        return event
+
+    def _deliver(self, seq: Sequence, event: TokenEvent) -> None:
         self.stats["tokens"] += 1
         try:
             seq.on_token(event)
@@ -202,9 +212,25 @@ class Scheduler:
             seq.cancelled = True
             self._finish(seq, None, exc)
             return
+        s = seq.sampler
         if s.done:
-            eos = s.opts.stop_at_eos and tok == s.eos_id
+            eos = s.opts.stop_at_eos and event.token == s.eos_id
             self._finish(seq, "stop" if eos else "length")
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
+        self._deliver(seq, self._sample(seq, logits))
+
+    def _sample_rows(self, rows: list[tuple[Sequence, np.ndarray]]) -> list[TokenEvent]:
+        """Sample every row; with several threads, numpy's GIL-free inner loops overlap."""
+        if self._pool is None or len(rows) < 2:
+            return [self._sample(seq, logits) for seq, logits in rows]
+        k = self._pool_size
+        parts = [rows[i::k] for i in range(k)]
+        done = list(self._pool.map(lambda part: [self._sample(seq, lg) for seq, lg in part], parts))
+        events: list[TokenEvent] = [None] * len(rows)  # type: ignore[list-item]
+        for i, part in enumerate(done):
+            events[i::k] = part
+        return events
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; the last active row moves into each freed row."""
@@ -266,9 +292,9 @@ class Scheduler:
             logits = self.backend.decode([seq.sampler.feed[0] for seq in self._active])
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(self._active))
-            for row, seq in enumerate(self._active):
-                if not seq.finished:
-                    self._advance(seq, logits[row])
+            rows = [(seq, logits[row]) for row, seq in enumerate(self._active) if not seq.finished]
+            for (seq, _), event in zip(rows, self._sample_rows(rows), strict=True):
+                self._deliver(seq, event)
             self._retire()
         except Exception as exc:  # a model failure ends the sequences in flight, not the server
             err = exc if isinstance(exc, GptsError) else GptsError(f"model step failed: {exc}")

@@ -86,8 +86,12 @@ def test_moving_a_row_keeps_its_cache(rt) -> None:
     assert np.array_equal(got, expect)
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched-decode-graph", "per-row-steps"])
-def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched) -> None:
+@pytest.mark.parametrize(
+    ("batched", "threads"),
+    [(True, 1), (False, 1), (True, 2)],
+    ids=["batched-decode-graph", "per-row-steps", "batched-2-threads-sampling-pool"],
+)
+def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, threads) -> None:
     tok = rt.tokenizer
     texts = ["Once upon a time", "The future of AI is", "", "In 1990, the city of"]
     cases = []
@@ -101,7 +105,7 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched) -> Non
     cases.append((long_ids, sampling_options(rt.generation_config, max_new_tokens=12), 7))
     # And one longer than the context: it keeps its end, and slides right after its first token.
     cases.append((long_ids * 2, sampling_options(rt.generation_config, max_new_tokens=4), 8))
-    sch = Scheduler(rt, slots=4, max_queue=64, batched=batched)
+    sch = Scheduler(rt, slots=4, max_queue=64, batched=batched, threads=threads)
     try:
         assert sch.batched is batched
         col = _Collect()
@@ -153,3 +157,20 @@ def test_bad_scheduler_settings_are_clear_errors(rt) -> None:
         Scheduler(rt, slots=0)
     with pytest.raises(GptsError, match="--max-queue"):
         Scheduler(rt, max_queue=-1)
+
+
+def test_nucleus_of_a_partial_sort_equals_the_full_stable_sort() -> None:
+    from gpts_edge.sampling import _nucleus
+
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        scale = [0.3, 2.0, 8.0][i % 3]
+        x = rng.standard_normal(4096) * scale
+        if i % 4 == 0:
+            x = np.round(x)  # many exact ties at the boundary
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        top_p = [0.5, 0.9, 0.95, 0.999][i % 4]
+        order = np.argsort(-p, kind="stable")
+        want = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        assert np.array_equal(_nucleus(p, top_p), want), i
