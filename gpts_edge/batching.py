@@ -107,6 +107,7 @@ class Scheduler:
         max_queue: int = 64,
         threads: int = 1,
         batched: bool | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         if slots < 1:
             raise GptsError(f"--parallel: expected a positive integer, found {slots}")
@@ -135,11 +136,13 @@ class Scheduler:
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._active: list[Sequence] = []  # row r holds _active[r]
         self._stop = False
+        self._after_step = after_step or (lambda: None)  # e.g. wake the requests that got tokens
         # Rows are sampled on a small pool when more than one thread is allowed (each row's sampler
         # is its own, so the order of work does not change any token).
         self._pool_size = max(1, threads)
         self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
         self.stats = {"steps": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
+        self.stats.update(decode_us=0, sample_us=0, deliver_us=0)
         self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -275,8 +278,10 @@ class Scheduler:
                     self._active.append(seq)
             self._run_calls(calls)
             self._step()
+            self._after_step()
         for seq in pending + self._active:
             self._finish(seq, None, GptsError("the server is shutting down"))
+        self._after_step()
 
     def _step(self) -> None:
         self._retire()
@@ -289,13 +294,21 @@ class Scheduler:
             self._retire()
             if not self._active:
                 return
+            t0 = time.perf_counter()
             logits = self.backend.decode([seq.sampler.feed[0] for seq in self._active])
+            t1 = time.perf_counter()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(self._active))
             rows = [(seq, logits[row]) for row, seq in enumerate(self._active) if not seq.finished]
-            for (seq, _), event in zip(rows, self._sample_rows(rows), strict=True):
+            events = self._sample_rows(rows)
+            t2 = time.perf_counter()
+            for (seq, _), event in zip(rows, events, strict=True):
                 self._deliver(seq, event)
             self._retire()
+            # Where a decode step's time goes (microseconds, summed): the model, the sampler, the rest.
+            self.stats["decode_us"] += int((t1 - t0) * 1e6)
+            self.stats["sample_us"] += int((t2 - t1) * 1e6)
+            self.stats["deliver_us"] += int((time.perf_counter() - t2) * 1e6)
         except Exception as exc:  # a model failure ends the sequences in flight, not the server
             err = exc if isinstance(exc, GptsError) else GptsError(f"model step failed: {exc}")
             for seq in self._active:

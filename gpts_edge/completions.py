@@ -10,6 +10,7 @@ Choice j of a request with `seed: N` uses seed N + j.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import numbers
@@ -252,28 +253,53 @@ class Choice:
         return out
 
 
-class _Channel:
-    """Scheduler thread -> event loop: items queue up, one wake-up per batch of them."""
+class _Hub:
+    """Scheduler thread -> event loop: channels with new items are woken together, once per
+    scheduler step (one cross-thread call per step, not one per token)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dirty: list[_Channel] = []
+
+    def mark(self, channel: _Channel) -> None:
+        with self.lock:
+            self.dirty.append(channel)
+
+    def flush(self) -> None:
+        with self.lock:
+            dirty, self.dirty = self.dirty, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Channel]] = {}
+        for ch in dirty:
+            by_loop.setdefault(ch.loop, []).append(ch)
+        for loop, chans in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop already closed: nobody is waiting
+                loop.call_soon_threadsafe(_wake_all, chans)
+
+
+def _wake_all(chans: list[_Channel]) -> None:
+    for ch in chans:
+        with ch.lock:
+            ch.marked = False
+        ch.event.set()
+
+
+class _Channel:
+    """One request's items from the scheduler thread; ``get`` returns all that arrived."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, hub: _Hub) -> None:
+        self.loop, self.hub = loop, hub
         self.items: deque = deque()
         self.lock = threading.Lock()
         self.event = asyncio.Event()
-        self._woken = False
+        self.marked = False
 
     def put(self, item: Any) -> None:
         with self.lock:
             self.items.append(item)
-            if self._woken:
+            if self.marked:
                 return
-            self._woken = True
-        self.loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        with self.lock:
-            self._woken = False
-        self.event.set()
+            self.marked = True
+        self.hub.mark(self)
 
     async def get(self) -> list:
         while True:
@@ -309,7 +335,10 @@ class Server:
         self.api_key = api_key or None
         self.json_logs = json_logs
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.scheduler = Scheduler(runtime, slots=parallel, max_queue=max_queue, threads=threads)
+        self.hub = _Hub()
+        self.scheduler = Scheduler(
+            runtime, slots=parallel, max_queue=max_queue, threads=threads, after_step=self.hub.flush
+        )
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
 
@@ -375,6 +404,19 @@ class Server:
             raise ApiError(400, str(exc).lstrip("-"), code="invalid_value") from None
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         choices, seqs, info = [], [], {"prompt_tokens": 0, "truncated": []}
+        # Streams and stop strings need each token as it comes; otherwise the tokens wait on the
+        # scheduler thread and travel once, with the end of the choice.
+        eager = req.stream or bool(req.stop)
+        held: dict[int, list[TokenEvent]] = {}
+
+        def on_token(i: int) -> Callable[[TokenEvent], None]:
+            if eager:
+                return lambda ev: channel.put(("token", i, ev))
+            return held.setdefault(i, []).append
+
+        def on_done(i: int) -> Callable[[str | None, Exception | None], None]:
+            return lambda reason, err: channel.put(("done", i, reason, err, held.pop(i, [])))
+
         for p_index, prompt in enumerate(req.prompts):
             ids = rt.tokenizer.encode(prompt).ids if prompt else []
             for j in range(req.n):
@@ -398,8 +440,8 @@ class Server:
                 seqs.append(
                     Sequence(
                         sampler,
-                        on_token=lambda ev, i=index: channel.put(("token", i, ev)),
-                        on_done=lambda reason, err, i=index: channel.put(("done", i, reason, err)),
+                        on_token=on_token(index),
+                        on_done=on_done(index),
                         logprobs=req.logprobs,
                     )
                 )
@@ -436,7 +478,9 @@ class Server:
                             seqs[item[1]].cancel()  # a stop string: nothing more to generate
                         out.append((choice, choice.take(False), False))
                     else:
-                        _, _, reason, err = item
+                        _, _, reason, err, events = item
+                        for ev in events:
+                            choice.push(ev, self.token_text)
                         if err is not None:
                             raise ApiError(503, f"generation failed: {err}", code="generation_failed")
                         choice.flush()

@@ -130,7 +130,7 @@ def create_app(server: Server) -> Any:
         req = parse_completion(await _read_json(request), server.model_id)
         scores = server.score_prompts(req)
         scored = await asyncio.wrap_future(scores) if scores is not None else None
-        channel = _Channel(asyncio.get_running_loop())
+        channel = _Channel(asyncio.get_running_loop(), server.hub)
         choices, seqs, info = server.start(req, channel, scored)
         headers = {TRUNCATED_HEADER: ",".join(info["truncated"])} if info["truncated"] else {}
         rid = f"cmpl-{secrets.token_hex(12)}"

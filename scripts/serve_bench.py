@@ -65,6 +65,14 @@ def one_request(port: int, body: dict) -> tuple[float, int]:
     return elapsed, data["usage"]["completion_tokens"]
 
 
+def health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
 def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: bool) -> dict:
     def client(c: int) -> list[tuple[float, int]]:
         out = []
@@ -76,10 +84,13 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         return out
 
     one_request(port, {"prompt": "warm up", "max_tokens": 4})
+    before = health(port)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - start
+    after = health(port)
+    d = {k: after[k] - before[k] for k in ("steps", "tokens", "decode_us", "sample_us", "deliver_us")}
     lat = np.array([r[0] for r in results]) * 1000
     tokens = sum(r[1] for r in results)
     return {
@@ -89,6 +100,11 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         "tok_s": tokens / wall,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
+        # The scheduler thread's share of the wall time: model steps, sampling, handing tokens over.
+        "mean_batch": d["tokens"] / max(d["steps"], 1),
+        "model_pct": d["decode_us"] / 1e4 / wall,
+        "sample_pct": d["sample_us"] / 1e4 / wall,
+        "deliver_pct": d["deliver_us"] / 1e4 / wall,
     }
 
 
@@ -102,19 +118,29 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    report = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "settings": vars(args), "runs": []}
+    report = {
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": os.getloadavg(),
+        "settings": vars(args),
+        "runs": [],
+    }
     for t in args.threads.split(","):
         threads = (os.cpu_count() or 1) if t == "all" else int(t)
         port = free_port()
         proc = start_server(port, threads, parallel=max(levels))
         try:
             for clients in levels:
-                row = {"threads": threads, **run_level(port, clients, args.requests, args.max_tokens, args.greedy)}
+                row = {
+                    "threads": threads,
+                    **run_level(port, clients, args.requests, args.max_tokens, args.greedy),
+                }
                 report["runs"].append(row)
                 if not args.json:
                     print(
                         f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
-                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  ({row['requests']} requests)",
+                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  ({row['requests']} requests; "
+                        f"batch {row['mean_batch']:.1f}, model {row['model_pct']:.0f}%, "
+                        f"sampler {row['sample_pct']:.0f}%, hand-over {row['deliver_pct']:.0f}% of wall)",
                         flush=True,
                     )
         finally:
