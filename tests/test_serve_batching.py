@@ -174,3 +174,21 @@ def test_nucleus_of_a_partial_sort_equals_the_full_stable_sort() -> None:
         order = np.argsort(-p, kind="stable")
         want = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
         assert np.array_equal(_nucleus(p, top_p), want), i
+
+
+def test_torch_runtime_is_scheduled_per_row_with_the_same_tokens(tiny_checkpoint) -> None:
+    pytest.importorskip("torch")
+    from gpts_edge.api import open_runtime
+
+    trt = open_runtime("torch", tiny_checkpoint)
+    opts = sampling_options(trt.generation_config, max_new_tokens=6)
+    sch = Scheduler(trt, slots=3)
+    try:
+        assert not sch.batched
+        col = _Collect()
+        sch.submit([col.seq(k, _sampler(trt, [1 + k, 2, 3], opts, k)) for k in range(5)])
+        assert col.done.wait(60)
+    finally:
+        sch.close()
+    for k in range(5):
+        assert col.tokens[k] == list(generate_ids(trt, [1 + k, 2, 3], opts, seed=k))
