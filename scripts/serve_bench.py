@@ -3,12 +3,13 @@ concurrency levels, for 1 thread and for all cores. Each setting starts its own 
 (so the clients, in this process, do not share its interpreter) on a free loopback port.
 
     python scripts/serve_bench.py [--clients 1,4,16,64] [--threads 1,all] [--max-tokens 64]
-                                  [--requests 4] [--greedy] [--json]
+                                  [--requests 4] [--repeat 3] [--greedy] [--json]
 
 Every client sends --requests completions one after another (prompt "The future of AI is",
 seed = a distinct number per request, the model's sampling defaults unless --greedy); a level's
 figures are over all its requests: tokens/s = completion tokens / wall time of the level, latency
-= each request's wall time (p50, p99).
+= each request's wall time (p50, p99); the levels run in turn --repeat times and the medians are
+reported.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--greedy", action="store_true", help="temperature 0 (the sampler's cheapest path)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -128,24 +130,32 @@ def main() -> None:
         threads = (os.cpu_count() or 1) if t == "all" else int(t)
         port = free_port()
         proc = start_server(port, threads, parallel=max(levels))
+        runs: dict[int, list[dict]] = {c: [] for c in levels}
         try:
-            for clients in levels:
-                row = {
-                    "threads": threads,
-                    **run_level(port, clients, args.requests, args.max_tokens, args.greedy),
-                }
-                report["runs"].append(row)
-                if not args.json:
-                    print(
-                        f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
-                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  ({row['requests']} requests; "
-                        f"batch {row['mean_batch']:.1f}, model {row['model_pct']:.0f}%, "
-                        f"sampler {row['sample_pct']:.0f}%, hand-over {row['deliver_pct']:.0f}% of wall)",
-                        flush=True,
+            # Levels in turn, --repeat rounds, so a change in the machine's load hits every level.
+            for _ in range(args.repeat):
+                for clients in levels:
+                    runs[clients].append(
+                        run_level(port, clients, args.requests, args.max_tokens, args.greedy)
                     )
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+        for clients in levels:
+            rows = runs[clients]
+            row = {"threads": threads, "clients": clients}
+            row.update({k: float(np.median([r[k] for r in rows])) for k in rows[0] if k != "clients"})
+            row["tok_s_each_round"] = [round(r["tok_s"]) for r in rows]
+            report["runs"].append(row)
+            if not args.json:
+                print(
+                    f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
+                    f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                    f"(median of {args.repeat}: {row['tok_s_each_round']}; batch {row['mean_batch']:.1f}, "
+                    f"model {row['model_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, "
+                    f"hand-over {row['deliver_pct']:.0f}% of wall)",
+                    flush=True,
+                )
     report["load_avg_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(report, indent=2))
