@@ -65,12 +65,13 @@ def banned_ngram_tokens(history: Sequence[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in ``history``."""
     if n <= 0 or len(history) < n:
         return set()
-    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
-    banned = set()
-    for i in range(len(history) - n + 1):
-        if tuple(history[i : i + n - 1]) == prefix:
-            banned.add(int(history[i + n - 1]))
-    return banned
+    h = np.asarray(history, dtype=np.int64)
+    windows = len(h) - n + 1
+    # Window i (history[i : i + n - 1]) matches the last n - 1 tokens: history[i + n - 1] is banned.
+    match = np.ones(windows, dtype=bool)
+    for j in range(n - 1):
+        match &= h[j : j + windows] == h[len(h) - n + 1 + j]
+    return set(h[n - 1 :][match].tolist())
 
 
 def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
