@@ -1,10 +1,11 @@
 """OpenAI completions without HTTP: request validation, per-choice text (stop strings, logprobs),
 and the bridge from the batch scheduler's thread to the event loop. gpts_edge.serve puts it on
 Starlette; decoding is gpts_edge.batching's scheduler (one thread owns the model, requests join and
-leave its batch between steps). Sampling is the project's one
-sampler with the model's generation_config.json defaults, so `temperature: 0` gives the text of
-`gpts-edge generate --greedy` and `seed: N` the text of `gpts-edge generate --seed N`.
-Choice j of a request with `seed: N` uses seed N + j.
+leave its batch between steps).
+
+Sampling is the project's one sampler with the model's generation_config.json defaults, so
+`temperature: 0` gives the text of `gpts-edge generate --greedy` and `seed: N` the text of
+`gpts-edge generate --seed N`. Choice j of a request with `seed: N` uses seed N + j.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def parse_completion(body: Any, model_id: str) -> CompletionRequest:
         if value is not None and not isinstance(value, bool):
             raise _bad(key, "true or false", value)
         flags[key] = bool(value)
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise _bad("stream_options", "an object", options)
     sampling = {
