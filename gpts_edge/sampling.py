@@ -21,6 +21,7 @@ Order of operations in ``sample`` (fixed; the JS port follows it exactly), all i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,11 +104,13 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
     """One token id from ``logits`` (1-D) given the ids so far and a uniform draw ``u``."""
     x = np.asarray(logits, dtype=np.float64).copy()
     if opts.repetition_penalty != 1.0 and len(history):
-        ids = np.unique(np.asarray(history, dtype=np.int64))
+        # Repeated ids read the same original value and write the same result, so no np.unique.
+        ids = np.asarray(history, dtype=np.int64)
         vals = x[ids]
         x[ids] = np.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
-    for t in banned_ngram_tokens(history, opts.no_repeat_ngram_size):
-        x[t] = -np.inf
+    banned = banned_ngram_tokens(history, opts.no_repeat_ngram_size)
+    if banned:
+        x[list(banned)] = -np.inf
     if not np.isfinite(x).any():  # everything banned: the raw argmax rather than fail
         return int(np.argmax(logits))
     if opts.greedy:
@@ -119,8 +122,12 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
     finite = np.isfinite(x)
     if not finite.any():  # e.g. a tiny temperature overflowed every logit
         return int(np.argmax(logits))
-    p = np.zeros_like(x)
-    p[finite] = np.exp(x[finite] - x[finite].max())
+    top = x.max()
+    if math.isfinite(top):  # no +inf or NaN: exp(-inf - top) is exactly the 0 of a masked entry
+        p = np.exp(x - top)
+    else:
+        p = np.zeros_like(x)
+        p[finite] = np.exp(x[finite] - x[finite].max())
     p /= p.sum()
     if opts.top_p < 1.0:
         keep = np.zeros_like(p, dtype=bool)
