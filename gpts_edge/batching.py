@@ -32,6 +32,7 @@ from gpts_edge.generation import Runtime
 from gpts_edge.sampling import SequenceSampler
 
 MAX_LOGPROBS = 5
+MAX_SLOTS = 256  # each row holds a full-context KV slot (~1 MB for GPT-S-1.4M)
 
 
 class QueueFull(GptsError):
@@ -109,8 +110,8 @@ class Scheduler:
         batched: bool | None = None,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        if slots < 1:
-            raise GptsError(f"--parallel: expected a positive integer, found {slots}")
+        if not 1 <= slots <= MAX_SLOTS:
+            raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
         if max_queue < 0:
             raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
         self.runtime = runtime

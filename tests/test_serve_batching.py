@@ -155,6 +155,8 @@ def test_cancelled_sequence_stops_and_frees_its_row(rt) -> None:
 def test_bad_scheduler_settings_are_clear_errors(rt) -> None:
     with pytest.raises(GptsError, match="--parallel"):
         Scheduler(rt, slots=0)
+    with pytest.raises(GptsError, match="--parallel: expected 1..256"):
+        Scheduler(rt, slots=10_000)
     with pytest.raises(GptsError, match="--max-queue"):
         Scheduler(rt, max_queue=-1)
 
