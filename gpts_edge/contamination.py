@@ -155,6 +155,7 @@ class EvalIndex:
     items: int = 0
     short_items: int = 0
     per_task: dict[str, int] = field(default_factory=dict)
+    short_per_task: dict[str, int] = field(default_factory=dict)
     _hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), repr=False)
     _refs: np.ndarray = field(default_factory=lambda: np.empty((0, 3), np.int64), repr=False)
     _present: np.ndarray = field(default_factory=lambda: np.zeros(1 << _PREFILTER_BITS, bool), repr=False)
@@ -174,6 +175,7 @@ class EvalIndex:
             "items": self.items,
             "short_items": self.short_items,
             "items_per_task": self.per_task,
+            "short_items_per_task": self.short_per_task,
             "ngrams": self.ngrams,
             "fingerprint": self.fingerprint,
         }
@@ -263,6 +265,7 @@ def load_eval_index(
                     )
             index.items += 1
             index.short_items += not long_enough
+            index.short_per_task[task] = index.short_per_task.get(task, 0) + (not long_enough)
     if hashes:
         all_hashes = np.concatenate(hashes)
         order = np.argsort(all_hashes, kind="stable")

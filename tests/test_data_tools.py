@@ -152,6 +152,13 @@ def test_eval_index_reads_every_task_and_counts_short_items(eval_dir, mc_file) -
     # Shorter than 13 words with every choice: PIQA 'dresser', ARC 'unit of force', HellaSwag
     # 'Rope skipping' (its longest text, with 'skips the rope twice', is 10 words).
     assert s["short_items"] == 3
+    assert s["short_items_per_task"] == {
+        "hellaswag": 1,
+        "arc_easy": 0,
+        "arc_challenge": 1,
+        "piqa": 1,
+        "mc": 0,
+    }
     assert s["n"] == 13 and len(s["fingerprint"]) == 16
 
 
