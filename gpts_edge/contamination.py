@@ -92,9 +92,10 @@ def _sniff_task(path: Path) -> str:
         raise GptsError(f"{path}:1: not valid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise GptsError(f"{path}: expected JSON Lines of eval items, found {first[:60]!r}")
+    arc = "arc_challenge" if "challenge" in path.name.lower() else "arc_easy"  # same reader
     for task, keys in (
         ("piqa", {"goal", "sol1"}),
-        ("arc_easy", {"question", "choices"}),
+        (arc, {"question", "choices"}),
         ("hellaswag", {"ctx_a", "endings"}),
         ("mc", {"context", "choices"}),
     ):

@@ -166,17 +166,18 @@ def check_sources(
 def format_check(report: dict[str, Any]) -> str:
     """A plain-text table of ``check_sources``'s report."""
     n = report["eval"]["n"]
+    w = max(len("source"), *(len(r["source"]) for r in report["sources"]))
     lines = [
-        f"{'source':40s} {'documents':>10s} {'contaminated':>12s} {'tokens':>10s} {'eval items':>10s}",
+        f"{'source':{w}s} {'documents':>10s} {'contaminated':>12s} {'tokens':>10s} {'eval items':>10s}",
     ]
     for r in report["sources"]:
         lines.append(
-            f"{r['source'][-40:]:40s} {r['documents']:>10,} {r['contaminated_documents']:>12,} "
+            f"{r['source']:{w}s} {r['documents']:>10,} {r['contaminated_documents']:>12,} "
             f"{r['contaminated_tokens']:>10,} {r['eval_items_hit']:>10,}"
         )
     t = report["total"]
     lines.append(
-        f"{'total':40s} {t['documents']:>10,} {t['contaminated_documents']:>12,} "
+        f"{'total':{w}s} {t['documents']:>10,} {t['contaminated_documents']:>12,} "
         f"{t['contaminated_tokens']:>10,}"
     )
     lines.append(f"({n}-word overlaps; {report['eval']['items']:,} eval items; {report['seconds']:.1f} s)")
@@ -188,10 +189,11 @@ def format_check(report: dict[str, Any]) -> str:
 
 def format_stats(report: dict[str, Any]) -> str:
     """A plain-text table of ``source_stats``'s report."""
-    lines = [f"{'source':40s} {'documents':>10s} {'bytes':>14s} {'tokens':>13s} {'bytes/token':>11s}"]
+    w = max(len("source"), *(len(r["source"]) for r in report["sources"]))
+    lines = [f"{'source':{w}s} {'documents':>10s} {'bytes':>14s} {'tokens':>13s} {'bytes/token':>11s}"]
     for r in [*report["sources"], {**report["total"], "source": "total"}]:
         bpt = f"{r['bytes_per_token']:.3f}" if r["bytes_per_token"] else "-"
         lines.append(
-            f"{r['source'][-40:]:40s} {r['documents']:>10,} {r['bytes']:>14,} {r['tokens']:>13,} {bpt:>11s}"
+            f"{r['source']:{w}s} {r['documents']:>10,} {r['bytes']:>14,} {r['tokens']:>13,} {bpt:>11s}"
         )
     return "\n".join(lines)

@@ -160,6 +160,10 @@ def test_eval_index_reads_every_task_and_counts_short_items(eval_dir, mc_file) -
         "mc": 0,
     }
     assert s["n"] == 13 and len(s["fingerprint"]) == 16
+    # One file named on its own: its task is recognised from its fields (and ARC's file name).
+    alone = load_eval_index(eval_dir / "arc" / "arc_challenge_test.jsonl").summary()
+    assert alone["items_per_task"] == {"arc_challenge": 1}
+    assert load_eval_index(mc_file).summary()["items_per_task"] == {"mc": 1}
 
 
 def test_a_hash_collision_is_not_reported_as_an_overlap(eval_dir, monkeypatch) -> None:
