@@ -405,10 +405,10 @@ def data_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Documents, bytes, tokens and bytes/token of each source."""
-    from gpts_edge.datastats import format_stats, source_stats
+    from gpts_edge.training.datastats import format_stats, source_stats
 
     try:
-        report = source_stats(data, tokenizer)
+        report = source_stats(data, tokenizer, log=lambda m: typer.echo(m, err=True))
     except GptsError as exc:
         _fail(exc)
     typer.echo(json.dumps(report, indent=2) if as_json else format_stats(report))
@@ -427,7 +427,7 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Documents and tokens of each source that share an n-gram with an eval item."""
-    from gpts_edge.datastats import check_sources, format_check
+    from gpts_edge.training.datastats import check_sources, format_check
 
     try:
         report = check_sources(data, against, n=n, tokenizer=tokenizer, log=lambda m: typer.echo(m, err=True))

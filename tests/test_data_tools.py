@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from gpts_edge import contamination
 from gpts_edge.cli import app
 from gpts_edge.contamination import load_eval_index, normalized_words
-from gpts_edge.datastats import check_sources, source_stats
 from gpts_edge.errors import GptsError
 from gpts_edge.tokenizer import EOT_ID, load_tokenizer
 from gpts_edge.training.data import DocumentFilter, load_sources
+from gpts_edge.training.datastats import check_sources, source_stats
 from tests.conftest import run_cli
 
 PIQA_GOAL = "How do I keep cut apples from turning brown in the lunch box?"

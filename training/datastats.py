@@ -43,7 +43,9 @@ def _tokenizer_path(tokenizer: str | Path | None) -> Path:
     return Path(tokenizer) if tokenizer else default_model_dir() / "tokenizer.json"
 
 
-def source_stats(specs: list[str], tokenizer: str | Path | None = None) -> dict[str, Any]:
+def source_stats(
+    specs: list[str], tokenizer: str | Path | None = None, log: Log | None = None
+) -> dict[str, Any]:
     """Documents, UTF-8 bytes of the text, tokens (no separators) and bytes/token per source."""
     if not specs:
         raise GptsError("--data: give at least one source")
@@ -68,6 +70,8 @@ def source_stats(specs: list[str], tokenizer: str | Path | None = None) -> dict[
             if len(batch) >= _BATCH:
                 n_tokens += flush()
         n_tokens += flush()
+        if log:
+            log(f"{path}: {docs:,} documents, {n_bytes:,} bytes, {n_tokens:,} tokens")
         rows.append(
             {
                 "source": path,
