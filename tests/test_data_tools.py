@@ -301,14 +301,18 @@ def test_decontaminated_source_drops_documents_and_gets_its_own_cache(
     assert len(list(cache.iterdir())) == 3
 
 
-def test_train_decontaminate_logs_and_records_the_counts(tmp_path, eval_dir, sources, capsys) -> None:
+def test_train_decontaminate_logs_and_records_the_counts(
+    tmp_path, eval_dir, sources, tokenizer_json, capsys
+) -> None:
     pytest.importorskip("torch")
+    from gpts_edge.training.data import prepare_source
     from gpts_edge.training.train import preset_config, train
 
+    prepared = prepare_source(str(sources["c"]), tokenizer_json, tmp_path / "prepared")
     out = tmp_path / "run"
     tc = preset_config(
         "tiny",
-        data=[str(sources["a"]), str(sources["b"])],
+        data=[str(sources["a"]), str(sources["b"]), str(prepared)],
         out=str(out),
         max_steps=2,
         eval_every=2,
@@ -319,11 +323,13 @@ def test_train_decontaminate_logs_and_records_the_counts(tmp_path, eval_dir, sou
     log = capsys.readouterr().out
     assert f"{sources['a']}: dropped 4 of 8 documents" in log
     assert f"{sources['b']}: dropped 0 of 1 documents" in log
+    assert f"{prepared}: a prepared token folder, not checked" in log
     state = json.loads(next((out / "checkpoints").glob("step-*/train_state.json")).read_text())
     d = state["decontamination"]
     assert d["against"] == str(eval_dir) and d["n"] == 13
     assert d["sources"][str(sources["a"])]["documents"] == 4
     assert d["sources"][str(sources["b"])] == {"checked": 1, "documents": 0, "tokens": 0}
+    assert d["sources"][str(prepared)]["checked"] is None  # no text left to check
 
 
 def test_train_with_a_missing_eval_set_is_one_error_line(tmp_path, sources) -> None:

@@ -195,11 +195,11 @@ class Trainer:
         if not self.max_steps and not tc.time_limit:
             raise GptsError("give --max-steps, --tokens or --time-limit")
 
-        doc_filter = self._decontamination_filter() if tc.decontaminate else None
+        doc_filter, eval_summary = self._decontamination_filter() if tc.decontaminate else (None, None)
         self.sources = load_sources(
             tc.data, self.tokenizer_json, self.out / "data-cache", self.seq_len, doc_filter
         )
-        self.decontamination = self._decontamination_report(doc_filter)
+        self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
         self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
         self.val = torch.from_numpy(validation_windows(self.sources, self.seq_len, tc.eval_windows))
 
@@ -237,19 +237,15 @@ class Trainer:
         self.fwd = torch.compile(self.ddp_model) if tc.compile else self.ddp_model
 
     # -- decontamination --
-    def _decontamination_filter(self) -> DocumentFilter:
+    def _decontamination_filter(self) -> tuple[DocumentFilter, dict[str, Any]]:
         from gpts_edge.contamination import load_eval_index
 
         index = load_eval_index(self.tc.decontaminate, option="--decontaminate")
-        self._eval_summary = index.summary()
-        return DocumentFilter("decontamination", index.fingerprint, index.contaminated)
+        return DocumentFilter("decontamination", index.fingerprint, index.contaminated), index.summary()
 
-    def _decontamination_report(self, doc_filter: DocumentFilter | None) -> dict[str, Any] | None:
+    def _decontamination_report(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Per source: documents checked and dropped, tokens dropped; logged and kept in
         train_state.json. A prepared token folder has no text to check and says so."""
-        if doc_filter is None:
-            return None
-        summary = self._eval_summary
         report: dict[str, Any] = {
             "against": self.tc.decontaminate,
             "n": summary["n"],
