@@ -36,12 +36,11 @@ from gpts_edge.checkpoint import (
     CONFIG_FILE,
     GENERATION_FILE,
     TOKENIZER_FILE,
-    atomic_dir,
     load_checkpoint,
-    require_output_dir,
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_dir, require_output_dir
 
 LAYOUTS = ("onnx", "transformersjs")
 ONNX_SUBFOLDER = "onnx"

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gpts_edge.runtimes.gguf import (
+
+from gpts_edge.checkpoint import Checkpoint, load_checkpoint
+from gpts_edge.config import ModelConfig
+from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_file, require_output_dir
+from gpts_edge.gguf_format import (
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
     TOKENIZER_MODEL,
@@ -32,34 +37,12 @@ from gpts_edge.runtimes.gguf import (
     permute_qk,
     read_gguf,
 )
-
-from gpts_edge.checkpoint import Checkpoint, atomic_file, load_checkpoint, require_output_dir
-from gpts_edge.config import ModelConfig
-from gpts_edge.errors import GptsError
 from gpts_edge.names import gguf_name
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ARCHES = ("gpts", "llama")
 BLOCK = 32
 LICENSE = "apache-2.0"
-
-# Bounds for the quantized parity checks, set from what the bundled GPT-S-1.4M measures with the
-# report's fixed prompt (max|diff| steps / batch, mean KL, top-1 over 40 positions):
-#   f16   0.0123 / 0.0232   8.9e-7   1.000
-#   q8_0  0.408  / 0.671    7.7e-4   1.000
-#   q4_0  5.50   / 10.65    0.207    0.825
-# with ~2-10x headroom on the continuous values and a few positions of slack on top-1.
-QUANT_BOUNDS: dict[str, dict[str, float]] = {
-    "f16": {"max_abs": 0.05, "kl": 1e-5, "top1": 0.975},
-    "q8_0": {"max_abs": 1.5, "kl": 3e-3, "top1": 0.95},
-    "q4_0": {"max_abs": 25.0, "kl": 0.5, "top1": 0.7},
-}
-F32_BOUND = 1e-4
-PARITY_PROMPT = (
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who "
-    "told stories to the children every evening."
-)
-PARITY_STEPS = 40
 
 
 @dataclass
@@ -281,142 +264,3 @@ def import_gguf(source: str | Path, output: str | Path, log: Callable[[str], Non
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-# --- parity --------------------------------------------------------------------------------------
-
-
-def _softmax64(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _row(check: str, value: float, bound: str, ok: bool) -> dict[str, Any]:
-    shown = value if isinstance(value, int) else float(f"{value:.6g}")
-    return {"check": check, "value": shown, "bound": bound, "ok": bool(ok)}
-
-
-def parity_report(model: str | Path | None, *, quant: str = "f32") -> dict[str, Any]:
-    """Export to a temporary GGUF, then compare the numpy GGUF runtime with the PyTorch model.
-
-    Teacher-forced on PyTorch's greedy continuation of a fixed prompt: one prefill plus
-    ``PARITY_STEPS`` cached single-token steps, and a left-padded batch through forward_logits.
-    """
-    return parity_reports(model, (quant,))[0]
-
-
-def parity_reports(model: str | Path | None, quants: tuple[str, ...] = QUANTS) -> list[dict[str, Any]]:
-    """``parity_report`` for several quantizations, computing the PyTorch reference once."""
-    for quant in quants:
-        if quant not in QUANTS:
-            raise GptsError(f"--quant: unknown GGUF quantization {quant!r}; choose from {', '.join(QUANTS)}")
-    import torch
-
-    # The model is tiny: intra-op threads only add waiting, badly so on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = _torch_reference(model)
-    finally:
-        torch.set_num_threads(threads)
-    return [_compare(ref, model, quant) for quant in quants]
-
-
-def _torch_reference(model: str | Path | None) -> dict[str, Any]:
-    import torch
-
-    from gpts_edge.model import GPTS, weights_to_state
-    from gpts_edge.tokenizer import load_tokenizer
-
-    ckpt = load_checkpoint(model)
-    cfg = ckpt.config
-    net = GPTS(cfg)
-    net.load_state_dict(weights_to_state(ckpt.weights))
-    net.eval()
-    tok = load_tokenizer(ckpt.tokenizer_path, cfg.vocab_size)
-    prompt = tok.encode(PARITY_PROMPT).ids[: max(1, cfg.context_length - PARITY_STEPS - 1)]
-    steps = min(PARITY_STEPS, cfg.context_length - len(prompt))
-    with torch.inference_mode():
-        seq, cache = list(prompt), None
-        logits, cache = net(torch.tensor([prompt]), None)
-        for _ in range(steps):
-            nxt = int(logits[0, -1].argmax())
-            seq.append(nxt)
-            logits, cache = net(torch.tensor([[nxt]]), cache)
-        full = net(torch.tensor([seq]))[0][0].numpy()  # (len(seq), V)
-        # Left-padded batch: the full sequence, and its first half padded on the left.
-        short = seq[: max(1, len(prompt) // 2)]
-        ids = np.zeros((2, len(seq)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        ids[0], mask[0] = seq, 1
-        ids[1, len(seq) - len(short) :], mask[1, len(seq) - len(short) :] = short, 1
-        pos = (torch.from_numpy(mask).cumsum(-1) - 1).clamp_min(0)
-        batch = net(torch.from_numpy(ids), None, position_ids=pos, attention_mask=torch.from_numpy(mask))[
-            0
-        ].numpy()
-    return {
-        "prompt": prompt,
-        "seq": seq,
-        "steps": steps,
-        "full": full,
-        "ids": ids,
-        "mask": mask,
-        "batch": batch,
-    }
-
-
-def _compare(ref: dict[str, Any], model: str | Path | None, quant: str) -> dict[str, Any]:
-    from gpts_edge.runtimes.gguf import GGUFRuntime
-
-    with tempfile.TemporaryDirectory(prefix="gpts-gguf-parity-") as d:
-        path = export_gguf(model, Path(d) / f"model-{quant}.gguf", quant=quant, log=lambda m: None)
-        size = path.stat().st_size
-        rt = GGUFRuntime(path, threads=1)
-    prompt, seq, steps = ref["prompt"], ref["seq"], ref["steps"]
-    P = len(prompt)
-    got = []
-    last, cache = rt.step(np.array(prompt), None)
-    got.append(last)
-    for t in seq[P : P + steps - 1]:
-        last, cache = rt.step(np.array([t]), cache)
-        got.append(last)
-    got_arr = np.stack(got)
-    want = ref["full"][P - 1 : P - 1 + len(got)]
-    diff = float(np.abs(got_arr - want).max())
-    mask = ref["mask"]
-    got_b = rt.forward_logits(ref["ids"], mask)
-    diff_b = float(np.abs(got_b - ref["batch"])[mask.astype(bool)].max())
-    p, q = _softmax64(want), _softmax64(got_arr)
-    kl = float(np.mean(np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300)), axis=-1)))
-    top1 = float(np.mean(want.argmax(-1) == got_arr.argmax(-1)))
-    n = len(got)
-    rows = [_row(f"file size bytes ({quant})", size, "-", True)]
-    if quant == "f32":
-        rows += [
-            _row(f"max|diff| prefill + {n - 1} cached steps", diff, f"<= {F32_BOUND:g}", diff <= F32_BOUND),
-            _row("max|diff| left-padded batch", diff_b, f"<= {F32_BOUND:g}", diff_b <= F32_BOUND),
-            _row("greedy top-1 agreement", top1, "== 1", top1 == 1.0),
-        ]
-    else:
-        b = QUANT_BOUNDS[quant]
-        rows += [
-            _row(
-                f"max|diff| prefill + {n - 1} cached steps",
-                diff,
-                f"<= {b['max_abs']:g}",
-                diff <= b["max_abs"],
-            ),
-            _row("max|diff| left-padded batch", diff_b, f"<= {b['max_abs']:g}", diff_b <= b["max_abs"]),
-            _row("mean KL(torch || gguf) nats", kl, f"<= {b['kl']:g}", kl <= b["kl"]),
-            _row("top-1 agreement", top1, f">= {b['top1']:g}", top1 >= b["top1"]),
-        ]
-    return {
-        "format": "gguf",
-        "quant": quant,
-        "ok": all(r["ok"] for r in rows),
-        "rows": rows,
-        "positions": n,
-        "file_bytes": size,
-    }

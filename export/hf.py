@@ -38,13 +38,12 @@ from gpts_edge.checkpoint import (
     GENERATION_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
-    atomic_dir,
     load_checkpoint,
-    require_output_dir,
     save_checkpoint,
 )
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_dir, require_output_dir
 from gpts_edge.names import expected_shapes
 from gpts_edge.tokenizer import EOT, EOT_ID, load_tokenizer
 

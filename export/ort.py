@@ -21,8 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gpts_edge.checkpoint import require_output_dir
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import require_output_dir
 
 ORT_FILE = "model.ort"
 OPS_CONFIG_FILE = "required_operators.config"

@@ -13,6 +13,6 @@ __all__ = ["GptsError", "load", "__version__"]
 
 def load(path=None, threads=None):
     """Open an exported ONNX folder (default: a cached export of the bundled model) for generation."""
-    from gpts_edge.runtimes.onnx import load as _load
+    from gpts_edge.api import load as _load
 
     return _load(path, threads=threads)

@@ -66,18 +66,15 @@ def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prep
     if runtime == "torch":
         return Prepared(runtime, str(ckpt), (ckpt / "model.safetensors").stat().st_size)
     if runtime.startswith("onnx"):
-        from gpts_edge.export.onnx import export_onnx, parity_report
+        from gpts_edge.api import cached_export
+        from gpts_edge.parity import parity_report
 
         quant = runtime.split("-")[1] if "-" in runtime else "none"
-        from gpts_edge.runtimes.onnx import CACHE_FORMAT
-
-        # Keyed by the exporter's graph version too, so a changed exporter is never benchmarked
-        # through a stale graph; the runtime steps with the decode flavour (model.decode.onnx).
-        out = root / f"onnx-{quant}-v{CACHE_FORMAT}" / "model.onnx"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            export_onnx(str(ckpt), out, quantize=quant, log=log, decode_graph=True)
-        report = parity_report(str(ckpt), quantize=quant)
+        # The one export cache (keyed by checkpoint, quantization and graph version); the runtime
+        # steps with its decode flavour (model.decode.onnx).
+        log(f"{runtime}: exporting (cached after the first time)")
+        out = cached_export(ckpt, quantize=quant)
+        report = parity_report("onnx", ckpt, quantize=quant)
         if not report["ok"]:
             failed = [r["check"] for r in report["rows"] if not r["ok"]]
             raise GptsError(
@@ -319,21 +316,11 @@ def train_bench(
 
 # --- worker -----------------------------------------------------------------------------------
 def _open(name: str, path: str, threads: int) -> Any:
-    if name == "torch":
-        from gpts_edge.torch_runtime import TorchRuntime
-
-        return TorchRuntime(path, threads=threads)
-    if name.startswith("onnx"):
-        from gpts_edge.runtimes.onnx import OnnxRuntime
-
-        return OnnxRuntime(path, threads=threads)
-    if name == "gguf":
-        from gpts_edge.runtimes.gguf import GGUFRuntime
-
-        return GGUFRuntime(path, threads=threads)
     if name == "llamacpp":
         return _LlamaCppRuntime(path, threads)
-    raise GptsError(f"unknown runtime {name!r}")
+    from gpts_edge.api import open_runtime
+
+    return open_runtime(name.split("-")[0], path, threads=threads)
 
 
 class _LlamaCppRuntime:

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,25 +22,33 @@ from typing import Any
 import numpy as np
 
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import (
+    CONFIG_FILE,
+    DEFAULT_GENERATION,
+    GENERATION_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+)
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import atomic_dir, require_output_dir
 from gpts_edge.names import expected_shapes
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-GENERATION_FILE = "generation_config.json"
-
-DEFAULT_GENERATION: dict[str, Any] = {
-    "do_sample": True,
-    "temperature": 0.8,
-    "top_k": 0,
-    "top_p": 0.95,
-    "repetition_penalty": 1.1,
-    "no_repeat_ngram_size": 4,
-    "max_new_tokens": 80,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-}
+__all__ = [  # the file names are re-exported: checkpoint users read them from here
+    "CONFIG_FILE",
+    "DEFAULT_GENERATION",
+    "GENERATION_FILE",
+    "TOKENIZER_FILE",
+    "WEIGHTS_FILE",
+    "Checkpoint",
+    "default_model_dir",
+    "load_checkpoint",
+    "load_generation_config",
+    "load_weights",
+    "resolve_model_dir",
+    "save_checkpoint",
+    "validate_weights",
+    "weights_sha256",
+]
 
 
 def default_model_dir() -> Path:
@@ -72,6 +76,7 @@ class Checkpoint:
     config: ModelConfig
     weights: dict[str, np.ndarray]
     generation: dict[str, Any]
+    tokenizer: Any = None  # the tokenizers.Tokenizer, loaded (and checked) once by load_checkpoint
 
     @property
     def tokenizer_path(self) -> Path:
@@ -133,8 +138,8 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     root = resolve_model_dir(path)
     cfg = ModelConfig.load(root / CONFIG_FILE)
     weights = load_weights(root / WEIGHTS_FILE, cfg)
-    load_tokenizer(root / TOKENIZER_FILE, vocab_size=cfg.vocab_size)
-    return Checkpoint(root, cfg, weights, load_generation_config(root / GENERATION_FILE))
+    tokenizer = load_tokenizer(root / TOKENIZER_FILE, vocab_size=cfg.vocab_size)
+    return Checkpoint(root, cfg, weights, load_generation_config(root / GENERATION_FILE), tokenizer)
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -174,71 +179,3 @@ def save_checkpoint(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out
-
-
-def require_output_dir(parent: Path) -> None:
-    """The folder an output goes into must exist, be a folder and be writable (checked before
-    any work, so the error names the folder rather than a temp file deep inside a write)."""
-    if not parent.exists():
-        raise GptsError(f"{parent}: output directory does not exist")
-    if not parent.is_dir():
-        raise GptsError(f"{parent}: output location is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise GptsError(f"{parent}: output directory is not writable")
-
-
-@contextmanager
-def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; on success its files are synced and it is
-    renamed to ``out`` (replacing an old one), on any error or Ctrl-C it is removed."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # mkdtemp's 0700 would make a model folder private; honour the umask instead.
-        os.chmod(tmp, _umask_mode(0o777) if mode is None else mode)
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; on success it is synced, given the usual
-    umask mode and renamed to ``path``; on any error or Ctrl-C it is removed. Readers see the
-    old file or the new one, never a half-written one."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; an export is meant to be shared.
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask_mode(base: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return base & ~umask
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is swapped out first, then removed.
-    There is always one complete directory at ``target`` or at its ``.old`` side name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)

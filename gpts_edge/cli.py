@@ -58,7 +58,9 @@ def info(
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text (empty: start from <|endoftext|>).")] = "",
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
-    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "onnx",
+    runtime: Annotated[
+        str | None, typer.Option(help="onnx | gguf | torch (default: gguf for a .gguf file, else onnx)")
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
     temperature: Annotated[float | None, typer.Option()] = None,
     top_k: Annotated[int | None, typer.Option()] = None,
@@ -102,7 +104,7 @@ def train(
         list[str],
         typer.Option(help="PATH[:WEIGHT]: text, .jsonl(.gz), dir, glob or prepared dir; repeatable."),
     ],
-    out: Annotated[str, typer.Option(help="Run directory.")],
+    out: Annotated[str, typer.Option("-o", "--output", "--out", help="Run directory.")],
     preset: Annotated[str, typer.Option(help="gpt-s-1.4m | tiny")] = "gpt-s-1.4m",
     tokens: Annotated[int | None, typer.Option(help="Total training tokens.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Total optimizer steps (sets the schedule).")] = None,
@@ -128,6 +130,10 @@ def train(
         str | None, typer.Option(help="Start from these weights: 'default' or a checkpoint directory.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
+    decontaminate: Annotated[
+        str | None,
+        typer.Option(help="Eval folder or file: drop documents sharing a 13-gram with it before tokenizing."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train GPT-S (the card's recipe as preset gpt-s-1.4m; every number can be overridden)."""
@@ -157,12 +163,27 @@ def train(
             tokenizer=tokenizer,
             init=init,
             resume=resume,
+            decontaminate=decontaminate,
             progress=progress,
         )
         result = run_training(tc)
     except GptsError as exc:
         _fail(exc)
     typer.echo(json.dumps(result))
+
+
+def _quantize(quantize: str | None, quant: str | None) -> str | None:
+    """--quantize, or the older GGUF spelling --quant (kept as a hidden alias)."""
+    if quantize is not None and quant is not None and quantize != quant:
+        raise GptsError(f"--quantize {quantize} and --quant {quant} disagree; give one")
+    return quantize if quantize is not None else quant
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+QUANTIZE_HELP = "onnx/ort: none | int8 | int4; gguf: f32 | f16 | q8_0 | q4_0 (default: full precision)"
 
 
 @app.command()
@@ -172,8 +193,8 @@ def export(
     model: Annotated[
         str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
     ] = None,
-    quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
-    quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
+    quantize: Annotated[str | None, typer.Option(help=QUANTIZE_HELP)] = None,
+    quant: Annotated[str | None, typer.Option(hidden=True, help="Alias of --quantize.")] = None,
     arch: Annotated[str, typer.Option(help="GGUF: gpts | llama (plain-GQA checkpoints only)")] = "gpts",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's choice).")] = None,
     layout: Annotated[
@@ -184,35 +205,30 @@ def export(
     ] = "onnx",
 ) -> None:
     """Export a checkpoint to ONNX (with KV cache), GGUF, ORT (mobile) or a Hugging Face folder."""
+    from gpts_edge.formats import get_format
+
     try:
+        fmt = get_format(format)
+        q = _quantize(quantize, quant)
         if layout != "onnx" and format != "onnx":
             raise GptsError(f"--layout {layout}: only applies to --format onnx")
-        if format == "onnx" and layout == "transformersjs":
+        if layout not in ("onnx", "transformersjs"):
+            raise GptsError(f"--layout: unknown layout {layout!r}; choose from onnx, transformersjs")
+        if arch != "gpts" and format != "gguf":
+            raise GptsError(f"--arch {arch}: only applies to --format gguf")
+        if layout == "transformersjs":
             from gpts_edge.export.compat import export_transformersjs
 
-            export_transformersjs(
-                model, output, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True)
-            )
-        elif format == "onnx" and layout != "onnx":
-            raise GptsError(f"--layout: unknown layout {layout!r}; choose from onnx, transformersjs")
-        elif format == "onnx":
-            from gpts_edge.export.onnx import export_onnx
-
-            export_onnx(model, output, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
-        elif format == "gguf":
-            from gpts_edge.export.gguf import export_gguf
-
-            export_gguf(model, output, quant=quant, arch=arch, log=lambda m: typer.echo(m, err=True))
-        elif format == "ort":
-            from gpts_edge.export.ort import export_ort
-
-            export_ort(model, output, quantize=quantize, log=lambda m: typer.echo(m, err=True))
-        elif format == "hf":
-            from gpts_edge.export.hf import export_hf
-
-            export_hf(model, output, log=lambda m: typer.echo(m, err=True))
-        else:
-            raise GptsError(f"--format: unknown format {format!r}; choose from onnx, gguf, ort, hf")
+            export_transformersjs(model, output, quantize=q or "none", opset=opset, log=_log)
+            return
+        extra: dict = {}
+        if format == "onnx":
+            extra["opset"] = opset
+        elif opset is not None:
+            raise GptsError(f"--opset: only applies to --format onnx (and ort through it), not {format}")
+        if format == "gguf":
+            extra["arch"] = arch
+        fmt.export(model, output, quantize=q, log=_log, **extra)
     except GptsError as exc:
         _fail(exc)
 
@@ -224,17 +240,10 @@ def import_(
     output: Annotated[str, typer.Option("-o", "--output", help="Checkpoint directory to write.")],
 ) -> None:
     """Turn a GGUF file or HF folder back into a checkpoint directory."""
+    from gpts_edge.formats import get_format
+
     try:
-        if format == "gguf":
-            from gpts_edge.export.gguf import import_gguf
-
-            import_gguf(source, output)
-        elif format == "hf":
-            from gpts_edge.export.hf import import_hf
-
-            import_hf(source, output)
-        else:
-            raise GptsError(f"--format: unknown format {format!r}; choose from gguf, hf")
+        get_format(format, importable=True).import_(source, output)
     except GptsError as exc:
         _fail(exc)
     typer.echo(f"wrote {output}")
@@ -246,22 +255,15 @@ def parity(
     model: Annotated[
         str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
     ] = None,
-    quantize: Annotated[str, typer.Option(help="ONNX: none | int8 | int4")] = "none",
-    quant: Annotated[str, typer.Option(help="GGUF: f32 | f16 | q8_0 | q4_0")] = "f32",
+    quantize: Annotated[str | None, typer.Option(help=QUANTIZE_HELP)] = None,
+    quant: Annotated[str | None, typer.Option(hidden=True, help="Alias of --quantize.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Compare an export's logits with PyTorch; exits 1 when a bound fails."""
+    from gpts_edge.parity import parity_report
+
     try:
-        if format in ("onnx", "ort"):
-            from gpts_edge.export.onnx import parity_report
-
-            report = parity_report(model, quantize=quantize, ort_format=format == "ort")
-        elif format == "gguf":
-            from gpts_edge.export.gguf import parity_report as gguf_parity
-
-            report = gguf_parity(model, quant=quant)
-        else:
-            raise GptsError(f"--format: unknown format {format!r}; choose from onnx, gguf, ort")
+        report = parity_report(format, model, quantize=_quantize(quantize, quant))
     except GptsError as exc:
         _fail(exc)
     if as_json:
@@ -269,7 +271,8 @@ def parity(
     else:
         for row in report["rows"]:
             mark = "ok " if row["ok"] else "FAIL"
-            typer.echo(f"{mark} {row['check']:40s} {row['value']:<14} bound {row['bound']}")
+            value = "NaN" if row["value"] is None else f"{row['value']:.4g}"
+            typer.echo(f"{mark} {row['check']:48s} {value:<12} bound {row['bound']}")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -325,7 +328,9 @@ def eval_(
     ],
     data: Annotated[str, typer.Option(help="The task's file, or a folder holding the files (all tasks).")],
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
-    runtime: Annotated[str, typer.Option(help="torch | onnx | gguf")] = "torch",
+    runtime: Annotated[
+        str | None, typer.Option(help="onnx | gguf | torch (default: gguf for a .gguf file, else onnx)")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N items of each task.")] = None,
     batch_size: Annotated[int, typer.Option(help="Items (all their choices) per forward call.")] = 16,
     as_json: Annotated[
@@ -406,7 +411,7 @@ def serve(
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
-    out: Annotated[str, typer.Option(help="Output tokenizer.json.")],
+    out: Annotated[str, typer.Option("-o", "--output", "--out", help="Output tokenizer.json.")],
     vocab_size: Annotated[int, typer.Option()] = 4096,
 ) -> None:
     """Train a byte-level BPE tokenizer (<|endoftext|> = id 0)."""
@@ -420,6 +425,51 @@ def tokenizer_train(
     except GptsError as exc:
         _fail(exc)
     typer.echo(f"wrote {out} ({vocab_size} tokens)")
+
+
+# --- data: statistics and eval-set contamination of training sources -------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Training-data tools: statistics, eval contamination.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("stats")
+def data_stats(
+    data: Annotated[
+        list[str], typer.Option(help="PATH[:WEIGHT] as for train: text, .jsonl(.gz), dir, glob.")
+    ],
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Documents, bytes, tokens and bytes/token of each source."""
+    from gpts_edge.training.datastats import format_stats, source_stats
+
+    try:
+        report = source_stats(data, tokenizer, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_stats(report))
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[
+        list[str], typer.Option(help="PATH[:WEIGHT] as for train: text, .jsonl(.gz), dir, glob.")
+    ],
+    against: Annotated[
+        list[str], typer.Option(help="Eval folder (the layout of eval --data) or eval file; repeatable.")
+    ],
+    n: Annotated[int, typer.Option("--n", help="Words per n-gram (lowercased, punctuation split).")] = 13,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Documents and tokens of each source that share an n-gram with an eval item."""
+    from gpts_edge.training.datastats import check_sources, format_check
+
+    try:
+        report = check_sources(data, against, n=n, tokenizer=tokenizer, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_check(report))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import DEFAULT_GENERATION
 from gpts_edge.errors import GptsError
 from gpts_edge.sampling import SamplingOptions, generate_tokens
 from gpts_edge.tokenizer import EOT_ID, StreamDecoder
@@ -17,7 +18,9 @@ from gpts_edge.tokenizer import EOT_ID, StreamDecoder
 
 class Runtime(Protocol):
     """What every runtime supplies. ``step`` takes the new token ids (1-D int64) and returns the
-    next-token logits (1-D float) and the updated cache."""
+    next-token logits (1-D float) and the updated cache; ``forward_logits`` scores whole
+    sequences. Generation needs only ``new_cache``/``step``; eval, perplexity and parity use
+    ``forward_logits``."""
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -27,6 +30,11 @@ class Runtime(Protocol):
 
     def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]: ...
 
+    def forward_logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits (batch, time, vocab) of whole sequences (scoring, parity); left padding via
+        ``attention_mask``."""
+        ...
+
 
 def sampling_options(
     generation_config: dict[str, Any], *, greedy: bool = False, **overrides: Any
@@ -34,8 +42,8 @@ def sampling_options(
     """Defaults from generation_config.json, then explicit overrides (None = keep default)."""
     g = generation_config
 
-    def field(key: str, kind: type, default: Any) -> Any:
-        value = g.get(key, default)
+    def field(key: str, kind: type) -> Any:
+        value = g.get(key, DEFAULT_GENERATION[key])
         # bool is an int subclass; a JSON true/false here is a mistake, not 1/0.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             if value is None and kind is int:
@@ -44,12 +52,12 @@ def sampling_options(
         return kind(value)
 
     values = {
-        "temperature": field("temperature", float, 0.8) if g.get("do_sample", True) else 0.0,
-        "top_k": field("top_k", int, 0),
-        "top_p": field("top_p", float, 1.0),
-        "repetition_penalty": field("repetition_penalty", float, 1.0),
-        "no_repeat_ngram_size": field("no_repeat_ngram_size", int, 0),
-        "max_new_tokens": field("max_new_tokens", int, 80),
+        "temperature": field("temperature", float) if g.get("do_sample", True) else 0.0,
+        "top_k": field("top_k", int),
+        "top_p": field("top_p", float),
+        "repetition_penalty": field("repetition_penalty", float),
+        "no_repeat_ngram_size": field("no_repeat_ngram_size", int),
+        "max_new_tokens": field("max_new_tokens", int),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if greedy:
@@ -100,3 +108,34 @@ def generate_text(
     rest = dec.flush()
     if rest:
         yield rest
+
+
+class TextModel:
+    """Text in, text out over any Runtime: ``generate`` and the streaming ``stream``, with the
+    sampling defaults of the model's generation_config.json."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runtime.config
+
+    def stream(
+        self,
+        prompt: str = "",
+        max_new_tokens: int | None = None,
+        *,
+        seed: int = 0,
+        greedy: bool = False,
+        **sampling: Any,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are sampled."""
+        opts = sampling_options(
+            self.runtime.generation_config, greedy=greedy, max_new_tokens=max_new_tokens, **sampling
+        )
+        yield from generate_text(self.runtime, prompt, opts, seed=seed)
+
+    def generate(self, prompt: str = "", max_new_tokens: int | None = None, **kwargs: Any) -> str:
+        """The generated continuation of ``prompt`` (without the prompt)."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import XSA_EPS
 
-XSA_EPS = 1e-12
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 

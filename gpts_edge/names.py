@@ -1,6 +1,8 @@
 """The one name table. Every exporter and reader walks it; reverse maps are computed here.
 
-Checkpoint names are HF llama names. ``{i}`` is the layer index.
+Checkpoint names are HF llama names. ``{i}`` is the layer index. The ONNX I/O contract of both
+graph flavours lives here too, so the exporter that writes a graph and the runtime that binds
+its inputs read the same names.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ ONNX_PAST_VALUE = "past_key_values.{i}.value"
 ONNX_PRESENT_KEY = "present.{i}.key"
 ONNX_PRESENT_VALUE = "present.{i}.value"
 ONNX_LOGITS = "logits"
+# The decode flavour (model.decode.onnx, the runtime's fast step graph: batch 1, one fixed-size KV
+# buffer per layer that GroupQueryAttention updates in place, last-position logits) replaces
+# attention_mask/position_ids by GroupQueryAttention's two length inputs.
+ONNX_DECODE_SEQLENS_K = "seqlens_k"  # int32 [1]: total length - 1 (GroupQueryAttention's convention)
+ONNX_DECODE_TOTAL_LENGTH = "total_sequence_length"  # int32 scalar: cached + new tokens
+ONNX_FLAVOURS = ("compatible", "decode")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -84,10 +92,28 @@ def checkpoint_name_from_gguf(name: str) -> str:
     return _translate(name, _GGUF_TO_CHECKPOINT, "checkpoint")
 
 
-def onnx_io_names(cfg: ModelConfig) -> tuple[list[str], list[str]]:
-    inputs = [ONNX_INPUT_IDS, ONNX_ATTENTION_MASK, ONNX_POSITION_IDS]
-    outputs = [ONNX_LOGITS]
-    for i in range(cfg.num_layers):
-        inputs += [ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i)]
-        outputs += [ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i)]
-    return inputs, outputs
+def onnx_past_names(cfg: ModelConfig) -> list[str]:
+    """``past_key_values.{i}.key/value`` in graph input order (layer by layer, key first)."""
+    return [
+        n for i in range(cfg.num_layers) for n in (ONNX_PAST_KEY.format(i=i), ONNX_PAST_VALUE.format(i=i))
+    ]
+
+
+def onnx_present_names(cfg: ModelConfig) -> list[str]:
+    """``present.{i}.key/value``, in the same order as ``onnx_past_names``."""
+    return [
+        n
+        for i in range(cfg.num_layers)
+        for n in (ONNX_PRESENT_KEY.format(i=i), ONNX_PRESENT_VALUE.format(i=i))
+    ]
+
+
+def onnx_io_names(cfg: ModelConfig, flavour: str = "compatible") -> tuple[list[str], list[str]]:
+    """Graph inputs and outputs of ``flavour`` in order; the KV names are the same in both."""
+    if flavour not in ONNX_FLAVOURS:
+        raise GptsError(f"flavour: expected one of {', '.join(ONNX_FLAVOURS)}, found {flavour!r}")
+    if flavour == "decode":
+        head = [ONNX_INPUT_IDS, ONNX_DECODE_SEQLENS_K, ONNX_DECODE_TOTAL_LENGTH]
+    else:
+        head = [ONNX_INPUT_IDS, ONNX_ATTENTION_MASK, ONNX_POSITION_IDS]
+    return head + onnx_past_names(cfg), [ONNX_LOGITS, *onnx_present_names(cfg)]

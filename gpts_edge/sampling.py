@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gpts_edge.constants import DEFAULT_GENERATION as _D
 from gpts_edge.errors import GptsError
 
 StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
@@ -35,12 +36,12 @@ StepFn = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    temperature: float = 0.8
-    top_k: int = 0  # 0: off
-    top_p: float = 0.95
-    repetition_penalty: float = 1.1
-    no_repeat_ngram_size: int = 4  # 0: off
-    max_new_tokens: int = 80
+    temperature: float = _D["temperature"]
+    top_k: int = _D["top_k"]  # 0: off
+    top_p: float = _D["top_p"]
+    repetition_penalty: float = _D["repetition_penalty"]
+    no_repeat_ngram_size: int = _D["no_repeat_ngram_size"]  # 0: off
+    max_new_tokens: int = _D["max_new_tokens"]
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:

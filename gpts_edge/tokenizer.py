@@ -41,7 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Atomic write: a temp file beside ``path``, then rename (a failed save leaves no temp file)."""
-    from gpts_edge.checkpoint import atomic_file, require_output_dir
+    from gpts_edge.fileio import atomic_file, require_output_dir
 
     require_output_dir(path.parent)
     with atomic_file(path) as tmp:

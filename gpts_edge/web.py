@@ -66,33 +66,13 @@ def browser_dir(root: Path | None = None) -> Path:
 def resolve_model(model: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """(model.onnx file, folder with its sidecar files) for an exported ONNX folder or .onnx file;
     a checkpoint directory or None (the bundled model) is exported once into the user cache."""
-    from gpts_edge.checkpoint import WEIGHTS_FILE
+    from gpts_edge.api import model_kind, resolve_onnx
 
-    p = Path(model) if model is not None else None
-    if p is not None and not p.exists():
-        raise GptsError(f"--model {p}: no such file or folder")
-    if p is None or (p.is_dir() and (p / WEIGHTS_FILE).is_file()):
-        from gpts_edge.runtimes.onnx import cached_export
-
-        log(f"using the cached ONNX export of {'the bundled model' if p is None else p}")
-        onnx_file = cached_export(p)
-    elif p.is_file():
-        if p.suffix != ".onnx":
-            raise GptsError(
-                f"--model {p}: expected an exported ONNX folder, a .onnx file or a checkpoint folder"
-            )
-        onnx_file = p
-    else:
-        found = [p / "model.onnx"] if (p / "model.onnx").is_file() else sorted(p.glob("*.onnx"))
-        if len(found) != 1:
-            what = (
-                "no .onnx file" if not found else f"several .onnx files ({', '.join(f.name for f in found)})"
-            )
-            raise GptsError(
-                f"--model {p}: {what} in this folder (expected model.onnx from "
-                "`gpts-edge export --format onnx`)"
-            )
-        onnx_file = found[0]
+    if model_kind(model) == "checkpoint":
+        log(f"using the cached ONNX export of {'the bundled model' if model is None else model}")
+    onnx_file = resolve_onnx(model)
+    if onnx_file.suffix != ".onnx":
+        raise GptsError(f"--model {model}: the page runs a .onnx graph, found {onnx_file.name}")
     folder = onnx_file.parent
     missing = [name for name in MODEL_SIDECARS[:2] if not (folder / name).is_file()]
     if missing:

@@ -1,10 +1,7 @@
 """Run an exported ONNX folder with onnxruntime, numpy and tokenizers only (never torch).
 
-    from gpts_edge.runtimes.onnx import load
-    m = load("out/")                      # a folder from `gpts-edge export --format onnx`
-    print(m.generate("Once upon a time", max_new_tokens=40))
-    for piece in m.stream("Once upon a time"):
-        print(piece, end="", flush=True)
+Applications open models through ``gpts_edge.load`` / ``gpts_edge.api.open_runtime``, which turn a
+checkpoint into a cached export first; this module only runs exports.
 
 One onnxruntime session serves every call: the prompt is prefilled in one run, then each new
 token is one run that feeds back the ``present.*`` tensors as ``past_key_values.*``. Sampling is
@@ -13,42 +10,45 @@ the project's shared sampler (gpts_edge.sampling), so every runtime draws the sa
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_generation_config
+from gpts_edge.checkpoint import load_generation_config
 from gpts_edge.config import ModelConfig
+from gpts_edge.constants import (
+    CONFIG_FILE,
+    DECODE_SUFFIX,
+    GENERATION_FILE,
+    LAST_LOGITS_SUFFIX,
+    ORT_MODEL_FILE,
+    TOKENIZER_FILE,
+)
+from gpts_edge.constants import ONNX_MODEL_FILE as MODEL_FILE
 from gpts_edge.errors import GptsError
-from gpts_edge.generation import generate_text, sampling_options
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
+    ONNX_DECODE_SEQLENS_K,
+    ONNX_DECODE_TOTAL_LENGTH,
     ONNX_INPUT_IDS,
     ONNX_LOGITS,
     ONNX_POSITION_IDS,
     onnx_io_names,
+    onnx_past_names,
+    onnx_present_names,
 )
 from gpts_edge.tokenizer import load_tokenizer
 
-MODEL_FILE = "model.onnx"
-ORT_MODEL_FILE = "model.ort"
-# The decode flavour (gpts_edge.export.onnx, flavour="decode"): batch-1 steps over a fixed-size KV
-# buffer that GroupQueryAttention updates in place; preferred for `step` when it is present.
-DECODE_SUFFIX = ".decode.onnx"
-CONFIG_FILE = "config.json"
 # A 1.4M-parameter model is too small for a thread pool to pay off: one thread is fastest per
 # token on edge CPUs and leaves the other cores to the application.
 DEFAULT_THREADS = 1
-# Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
-CACHE_FORMAT = 3
 
 
-def _find_model_file(path: Path) -> Path:
+def find_model_file(path: Path) -> Path:
+    """The graph file of an exported folder (model.onnx, else model.ort, else the one .onnx) or the
+    given .onnx/.ort file."""
     if path.is_file():
         # onnxruntime loads ORT-format files (`gpts-edge export --format ort`) the same way.
         if path.suffix not in (".onnx", ".ort"):
@@ -103,8 +103,6 @@ class _DecodeStepper:
     are bound once and reused, so a step allocates no tensors and copies no cache."""
 
     def __init__(self, session: Any, cfg: ModelConfig) -> None:
-        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
-
         self.session = session
         self.cfg = cfg
         self.shape = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
@@ -113,8 +111,8 @@ class _DecodeStepper:
         self.seqlens_k = np.zeros(1, dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.logits = np.zeros((1, 1, cfg.vocab_size), dtype=np.float32)
-        self.io.bind_input(DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
-        self.io.bind_input(DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
+        self.io.bind_input(ONNX_DECODE_SEQLENS_K, "cpu", 0, np.int32, [1], self.seqlens_k.ctypes.data)
+        self.io.bind_input(ONNX_DECODE_TOTAL_LENGTH, "cpu", 0, np.int32, [], self.total.ctypes.data)
         self.io.bind_output(
             ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, cfg.vocab_size], self.logits.ctypes.data
         )
@@ -123,11 +121,11 @@ class _DecodeStepper:
 
     def _bind_kv(self, buf: _KVBuffer) -> None:
         shape = list(self.shape[2:])
-        for i in range(self.cfg.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                ptr = buf.array[i, j].ctypes.data
-                self.io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-                self.io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        names = zip(onnx_past_names(self.cfg), onnx_present_names(self.cfg), strict=True)
+        for n, (past, present) in enumerate(names):  # layer n // 2, key (0) or value (1)
+            ptr = buf.array[n // 2, n % 2].ctypes.data
+            self.io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+            self.io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
         self._bound = buf
 
     def step(self, ids: np.ndarray, cache: OnnxDecodeCache) -> tuple[np.ndarray, OnnxDecodeCache]:
@@ -164,11 +162,12 @@ class OnnxRuntime:
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.model_path = _find_model_file(Path(folder))
+        self.model_path = find_model_file(Path(folder))
         self.path = self.model_path.parent
         self.config = ModelConfig.load(self.path / CONFIG_FILE)
         self.tokenizer = load_tokenizer(self.path / TOKENIZER_FILE, self.config.vocab_size)
         self.generation_config = load_generation_config(self.path / GENERATION_FILE)
+        self._past_names = onnx_past_names(self.config)
         threads = DEFAULT_THREADS if threads is None else int(threads)
         if threads < 1:
             raise GptsError(f"threads: expected a positive integer, found {threads}")
@@ -196,13 +195,12 @@ class OnnxRuntime:
             self._decoder = _DecodeStepper(self.step_session, cfg)
         else:
             # The last-logits flavour (same I/O as the full graph), when the export wrote one.
-            fast = self.model_path.with_name(f"{self.model_path.stem}.last_logits.onnx")
+            fast = self.model_path.with_name(f"{self.model_path.stem}{LAST_LOGITS_SUFFIX}")
             self.step_session = self.session
             if fast.is_file():
                 self.step_session = self._open(ort, fast, opts)
                 self._check_io(self.step_session, fast)
         self._input_names, self._output_names = onnx_io_names(cfg)
-        self._past_names = self._input_names[3:]
         self._empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
 
     @property
@@ -214,11 +212,8 @@ class OnnxRuntime:
         return self._session
 
     def _check_decode_io(self, session: Any, path: Path) -> None:
-        from gpts_edge.export.onnx import DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH
-
         cfg = self.config
-        _, want_out = onnx_io_names(cfg)
-        want_in = [ONNX_INPUT_IDS, DECODE_SEQLENS_K, DECODE_TOTAL_LENGTH, *onnx_io_names(cfg)[0][3:]]
+        want_in, want_out = onnx_io_names(cfg, "decode")
         found_in = [i.name for i in session.get_inputs()]
         found_out = [o.name for o in session.get_outputs()]
         if sorted(found_in) != sorted(want_in) or sorted(found_out) != sorted(want_out):
@@ -240,7 +235,7 @@ class OnnxRuntime:
     def _check_past_shapes(self, session: Any, path: Path, batch: str, length: str) -> None:
         cfg = self.config
         for inp in session.get_inputs():
-            if inp.name.startswith("past_key_values."):
+            if inp.name in self._past_names:
                 shape = list(inp.shape)
                 if len(shape) != 4 or shape[1] != cfg.num_kv_heads or shape[3] != cfg.head_dim:
                     raise GptsError(
@@ -344,95 +339,3 @@ class OnnxRuntime:
         feeds = {ONNX_INPUT_IDS: ids, ONNX_ATTENTION_MASK: mask, ONNX_POSITION_IDS: pos}
         feeds.update(dict.fromkeys(self._past_names, empty))
         return self.session.run([ONNX_LOGITS], feeds)[0]
-
-
-# --- opening models -------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gpts-edge"
-
-
-def _checkpoint_hash(ckpt_dir: Path) -> str:
-    h = hashlib.sha256()
-    with open(ckpt_dir / WEIGHTS_FILE, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    # The sidecars travel into the export, so they are part of its identity.
-    for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE):
-        p = ckpt_dir / name
-        h.update(p.read_bytes() if p.is_file() else b"")
-    return h.hexdigest()[:16]
-
-
-def cached_export(model: str | Path | None = None, *, quantize: str = "none") -> Path:
-    """The ONNX export of a checkpoint directory (None: the bundled one), made once per checkpoint
-    hash in the user's cache directory."""
-    from gpts_edge.checkpoint import resolve_model_dir
-
-    ckpt_dir = resolve_model_dir(model)
-    if not (ckpt_dir / WEIGHTS_FILE).is_file():
-        raise GptsError(f"{ckpt_dir}: expected a checkpoint ({WEIGHTS_FILE}) or an exported ONNX folder")
-    folder = cache_root() / f"onnx-{quantize}-v{CACHE_FORMAT}-{_checkpoint_hash(ckpt_dir)}"
-    if (folder / MODEL_FILE).is_file():
-        return folder / MODEL_FILE
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise GptsError(
-            f"no ONNX export of {ckpt_dir} yet and the onnx package is missing to make one: "
-            "pip install 'gpts-edge[export]', or pass --model with an exported ONNX folder"
-        ) from None
-    from gpts_edge.export.onnx import export_to_folder
-
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GptsError(f"{folder.parent}: cannot create the cache directory ({exc.strerror})") from None
-    return export_to_folder(ckpt_dir, folder, quantize=quantize, log=lambda _m: None)
-
-
-def open_onnx_runtime(model: str | Path | None = None, **kwargs: Any) -> OnnxRuntime:
-    """An exported folder or .onnx file; a checkpoint directory or None (the bundled model) is
-    exported once into the user cache first."""
-    if model is not None:
-        p = Path(model)
-        if p.is_file() or not (p / WEIGHTS_FILE).is_file():
-            return OnnxRuntime(p, **kwargs)
-    return OnnxRuntime(cached_export(model), **kwargs)
-
-
-class OnnxModel:
-    """Text in, text out over an exported folder: ``generate`` and the streaming ``stream``."""
-
-    def __init__(self, runtime: OnnxRuntime) -> None:
-        self.runtime = runtime
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.runtime.config
-
-    def stream(
-        self,
-        prompt: str = "",
-        max_new_tokens: int | None = None,
-        *,
-        seed: int = 0,
-        greedy: bool = False,
-        **sampling: Any,
-    ) -> Iterator[str]:
-        """Yield text pieces as they are sampled (sampling options default to generation_config.json)."""
-        opts = sampling_options(
-            self.runtime.generation_config, greedy=greedy, max_new_tokens=max_new_tokens, **sampling
-        )
-        yield from generate_text(self.runtime, prompt, opts, seed=seed)
-
-    def generate(self, prompt: str = "", max_new_tokens: int | None = None, **kwargs: Any) -> str:
-        """The generated continuation of ``prompt`` (without the prompt)."""
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
-
-
-def load(path: str | Path | None = None, threads: int | None = None) -> OnnxModel:
-    """Open an exported folder (or .onnx file, or checkpoint / None via the user cache)."""
-    return OnnxModel(open_onnx_runtime(path, threads=threads))

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gpts_edge.runtimes.onnx import OnnxRuntime
 
 from gpts_edge.generation import generate_ids, sampling_options
+from gpts_edge.runtimes.onnx import OnnxRuntime
 
 og = pytest.importorskip(
     "onnxruntime_genai",

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpts_edge.export.compat import export_transformersjs, parse_quantizations
-from gpts_edge.runtimes.onnx import OnnxRuntime
 
 from gpts_edge.config import ModelConfig
 from gpts_edge.errors import GptsError
+from gpts_edge.export.compat import export_transformersjs, parse_quantizations
 from gpts_edge.generation import generate_ids, sampling_options
+from gpts_edge.runtimes.onnx import OnnxRuntime
 from tests.conftest import run_cli
 
 JS_DIR = Path(__file__).resolve().parent / "js" / "transformersjs"

@@ -260,8 +260,7 @@ def test_every_writer_names_a_missing_or_unwritable_output_folder(tmp_path, toke
     import os
 
     from gpts_edge.export.gguf import export_gguf
-
-    from gpts_edge.checkpoint import require_output_dir
+    from gpts_edge.fileio import require_output_dir
 
     with pytest.raises(GptsError, match=r"/nope: output directory does not exist"):
         require_output_dir(tmp_path / "nope")

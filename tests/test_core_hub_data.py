@@ -8,9 +8,9 @@ import sys
 import types
 
 import pytest
-from gpts_edge.training import data
 
 from gpts_edge.errors import GptsError
+from gpts_edge.training import data
 
 
 def test_card_mix_expands_to_the_five_card_sources_with_their_weights() -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gpts_edge.training.data import Sampler, load_sources, parse_data_spec
-from gpts_edge.training.train import preset_config, train
 
 from gpts_edge.checkpoint import load_checkpoint
 from gpts_edge.config import PRESETS
 from gpts_edge.errors import GptsError
 from gpts_edge.tokenizer import EOT_ID, load_tokenizer
+from gpts_edge.training.data import Sampler, load_sources, parse_data_spec
+from gpts_edge.training.train import preset_config, train
 from tests.conftest import REPO, write_text_corpus
 
 # Resume tolerance: losses are logged rounded to 6 decimals and must agree to 1e-6 (exact in

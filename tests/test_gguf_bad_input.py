@@ -19,7 +19,8 @@ from tests.conftest import run_cli
 gguf = pytest.importorskip("gguf")
 
 from gpts_edge.export.gguf import export_gguf, plan_gguf, write_plan  # noqa: E402
-from gpts_edge.runtimes.gguf import GGUFRuntime, read_gguf  # noqa: E402
+from gpts_edge.gguf_format import read_gguf  # noqa: E402
+from gpts_edge.runtimes.gguf import GGUFRuntime  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,10 @@ from gpts_edge.names import expected_shapes, gguf_name
 
 gguf = pytest.importorskip("gguf")
 
-from gpts_edge.export.gguf import export_gguf, import_gguf, parity_report  # noqa: E402
-from gpts_edge.runtimes.gguf import GGUFRuntime, permute_qk  # noqa: E402
+from gpts_edge.export.gguf import export_gguf, import_gguf  # noqa: E402
+from gpts_edge.gguf_format import permute_qk  # noqa: E402
+from gpts_edge.parity import parity_report  # noqa: E402
+from gpts_edge.runtimes.gguf import GGUFRuntime  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,20 +36,26 @@ def _torch_runtime(path):
     return TorchRuntime(path)
 
 
-def test_xsa_eps_is_the_models_constant():
-    from gpts_edge.runtimes import gguf as rt
+def test_every_implementation_reads_the_one_xsa_clamp():
+    import re
 
-    from gpts_edge.model import XSA_EPS
+    from gpts_edge import constants, model
+    from gpts_edge.export import onnx_graph
+    from gpts_edge.runtimes import gguf_model
 
-    assert rt.XSA_EPS == XSA_EPS
+    assert model.XSA_EPS is onnx_graph.XSA_EPS is gguf_model.XSA_EPS is constants.XSA_EPS
+    # The HF remote code may not import gpts_edge, so it carries its own copy: pin it.
+    remote = (Path(onnx_graph.__file__).parent / "hf_remote" / "modeling_gpts.py").read_text()
+    assert float(re.search(r"^XSA_EPS = (\S+)$", remote, re.M).group(1)) == constants.XSA_EPS
 
 
 def test_f32_gguf_logits_match_torch_over_prefill_and_cached_steps(tiny_checkpoint):
-    report = parity_report(tiny_checkpoint, quant="f32")
-    rows = {r["check"].split(" prefill")[0].split(" left")[0]: r for r in report["rows"]}
-    assert report["positions"] >= 33  # the prefill plus >= 32 cached steps
-    assert rows["max|diff|"]["value"] <= 1e-4
+    report = parity_report("gguf", tiny_checkpoint, quantize="f32")
     assert report["ok"], report["rows"]
+    assert report["prefill_steps_max_abs_diff"] <= 1e-4  # prefill 64 + 32 cached steps
+    assert report["left_padded_batch_max_abs_diff"] <= 1e-4
+    assert report["context_edge_max_abs_diff"] <= 1e-4
+    assert report["text_stepped"]["positions"] >= 2000 and report["text_stepped"]["max_abs_diff"] <= 5e-4
 
 
 def test_forward_logits_with_left_padding_matches_torch(tiny_checkpoint, tiny_gguf):
@@ -230,16 +240,16 @@ def test_greedy_text_identical_gguf_vs_onnx(tiny_checkpoint, tiny_gguf, tmp_path
 
 @pytest.mark.slow
 def test_bundled_model_gguf_parity_within_stated_bounds():
-    from gpts_edge.export.gguf import parity_reports
+    from gpts_edge.torch_runtime import TorchRuntime
 
-    reports = parity_reports(None, ("f32", "f16", "q8_0", "q4_0"))
+    ref = TorchRuntime(None, threads=1)
+    reports = [parity_report("gguf", None, quantize=q, reference=ref) for q in ("f32", "f16", "q8_0", "q4_0")]
     for report in reports:
-        assert report["ok"], (report["quant"], report["rows"])
-        assert report["positions"] >= 33
+        assert report["ok"], (report["quantize"], report["rows"])
+        assert report["text"]["positions"] >= 2000
         kinds = {r["check"] for r in report["rows"]}
-        if report["quant"] != "f32":
-            assert any("KL" in k for k in kinds) and any("top-1" in k for k in kinds)
-    sizes = [r["file_bytes"] for r in reports]
+        assert any("KL" in k for k in kinds) and any("top-1" in k for k in kinds)
+    sizes = [r["model_bytes"] for r in reports]
     assert sizes == sorted(sizes, reverse=True)
 
 

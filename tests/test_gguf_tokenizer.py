@@ -10,7 +10,6 @@ pytest.importorskip("gguf")
 
 from gpts_edge.export.gguf import export_gguf  # noqa: E402
 from gpts_edge.runtimes.gguf import GGUFRuntime  # noqa: E402
-
 from gpts_edge.tokenizer import load_tokenizer  # noqa: E402
 
 TEXTS = [

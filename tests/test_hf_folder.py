@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpts_edge.export import hf
-from gpts_edge.export.hf import export_hf, import_hf
 from safetensors.numpy import load_file, save_file
 
 from gpts_edge.checkpoint import load_checkpoint
 from gpts_edge.errors import GptsError
+from gpts_edge.export import hf
+from gpts_edge.export.hf import export_hf, import_hf
 from tests.conftest import run_cli
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")

@@ -17,10 +17,10 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from gpts_edge.export.hf import CARD_SNIPPET, export_hf, import_hf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from gpts_edge.checkpoint import load_checkpoint  # noqa: E402
+from gpts_edge.export.hf import CARD_SNIPPET, export_hf, import_hf  # noqa: E402
 from gpts_edge.generation import generate_ids  # noqa: E402
 from gpts_edge.sampling import SamplingOptions  # noqa: E402
 from gpts_edge.torch_runtime import TorchRuntime  # noqa: E402

@@ -46,9 +46,9 @@ def test_bench_reports_every_figure_for_onnx_and_torch_and_benchmarks_the_decode
 
 
 def test_bench_refuses_a_graph_that_fails_parity(bench_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gpts_edge.export import onnx_parity
+    from gpts_edge import parity
 
-    monkeypatch.setitem(onnx_parity.QUANT_BOUNDS, "none", (1e-8, 1.01))  # top-1 > 100 %: impossible
+    monkeypatch.setitem(parity.BOUNDS, ("onnx", "none"), (1e-8, 1.01))  # top-1 > 100 %: impossible
     with pytest.raises(
         GptsError, match="onnx: the graph fails parity .*top-1 agreement.*refusing to benchmark it"
     ):

@@ -18,15 +18,15 @@ import pytest
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from gpts_edge.export import onnx as onnx_export  # noqa: E402
-from gpts_edge.export.onnx import export_onnx  # noqa: E402
-from gpts_edge.export.onnx_parity import FP32_TOL, QUANT_BOUNDS, text_figures, text_windows  # noqa: E402
-from gpts_edge.runtimes.onnx import OnnxRuntime  # noqa: E402
-
 from gpts_edge.checkpoint import default_model_dir, save_checkpoint  # noqa: E402
 from gpts_edge.config import PRESETS  # noqa: E402
 from gpts_edge.errors import GptsError  # noqa: E402
+from gpts_edge.export import onnx as onnx_export  # noqa: E402
+from gpts_edge.export import onnx_quant  # noqa: E402
+from gpts_edge.export.onnx import export_onnx  # noqa: E402
 from gpts_edge.names import onnx_io_names  # noqa: E402
+from gpts_edge.parity import FP32_TOL, bounds, text_figures, text_windows  # noqa: E402
+from gpts_edge.runtimes.onnx import OnnxRuntime  # noqa: E402
 from gpts_edge.torch_runtime import TorchRuntime  # noqa: E402
 
 
@@ -263,7 +263,7 @@ def test_quantized_export_shrinks_and_meets_measured_bounds(
     rt = OnnxRuntime(tmp_path)
     windows = text_windows(rt.tokenizer, 384)
     figs = text_figures(default_torch, rt, windows)
-    kl_max, top1_min = QUANT_BOUNDS[quantize]
+    kl_max, top1_min = bounds("onnx", quantize)
     assert figs["positions"] >= 2000
     assert figs["mean_kl"] <= kl_max
     assert figs["top1_agreement"] >= top1_min
@@ -272,8 +272,8 @@ def test_quantized_export_shrinks_and_meets_measured_bounds(
 def test_blockwise_quantization_round_trips_within_half_a_step() -> None:
     w = np.random.default_rng(0).standard_normal((8, 70)).astype(np.float32)  # 70: a ragged last block
     for bits in (8, 4):
-        packed, scales = onnx_export.quantize_blockwise(w, bits, 32)
-        back = onnx_export.dequantize_blockwise(packed, scales, bits, 70)
+        packed, scales = onnx_quant.quantize_blockwise(w, bits, 32)
+        back = onnx_quant.dequantize_blockwise(packed, scales, bits, 70)
         step = np.repeat(np.abs(scales), 32, axis=1)[:, :70]
         err = np.abs(back - w) / step
         # The block's extreme maps exactly to -2**(bits-1); only values of the other sign near
@@ -358,15 +358,14 @@ def test_cli_export_unknown_format_exits_2_with_one_line(tmp_path: Path) -> None
 
 
 def test_cli_parity_prints_table_and_exits_1_when_a_bound_fails(peaky: Path, monkeypatch) -> None:
-    from gpts_edge.export import onnx_parity
     from typer.testing import CliRunner
 
-    from gpts_edge import cli
+    from gpts_edge import cli, parity
 
     # One real run (a full parity run costs seconds): every genuine check passes, and an impossible
     # top-1 bound (> 100%) must turn into FAIL rows (full-window and token-by-token scoring) and
     # exit code 1.
-    monkeypatch.setitem(onnx_parity.QUANT_BOUNDS, "none", (1e-8, 1.01))
+    monkeypatch.setitem(parity.BOUNDS, ("onnx", "none"), (1e-8, 1.01))
     res = CliRunner().invoke(cli.app, ["parity", "--format", "onnx", "--model", str(peaky)])
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()

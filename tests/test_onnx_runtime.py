@@ -11,12 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gpts_edge.runtimes.onnx import OnnxRuntime, load, open_onnx_runtime
 
+from gpts_edge.api import load
+from gpts_edge.api import open_runtime as _open_runtime
 from gpts_edge.errors import GptsError
+from gpts_edge.runtimes.onnx import OnnxRuntime
 from tests.conftest import REPO, run_cli
 
 pytest.importorskip("onnx")
+
+
+def open_onnx_runtime(model):
+    return _open_runtime("onnx", model)
 
 
 def quiet(_msg: str) -> None:
@@ -65,7 +71,7 @@ def test_runtime_generates_in_a_process_where_torch_cannot_be_imported(
         except ImportError:
             pass
         import numpy as np
-        from gpts_edge.runtimes.onnx import load
+        from gpts_edge.api import load
         m = load({str(exported)!r})
         text = m.generate("The river", max_new_tokens=8, greedy=True)
         logits = m.runtime.forward_logits(np.array([[1, 2, 3]]))
@@ -153,7 +159,7 @@ def test_cli_generate_defaults_to_onnx_and_matches_torch_greedy(
 
 
 def test_missing_onnx_package_gives_install_hint(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    script = f"from gpts_edge.runtimes.onnx import open_onnx_runtime\nopen_onnx_runtime({str(tiny_checkpoint)!r})\n"
+    script = f"from gpts_edge.api import open_runtime\nopen_runtime('onnx', {str(tiny_checkpoint)!r})\n"
     env = _no_torch_env(tmp_path, block=("onnx",))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0

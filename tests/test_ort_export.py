@@ -118,9 +118,8 @@ def test_ort_folder_is_self_contained_with_required_operators(
 
 def test_ort_int8_export_matches_onnx_int8_graph(tmp_path: Path) -> None:
     """The converter must not change the quantized graph's numbers (quantized kernels survive)."""
-    from gpts_edge.export.onnx import export_onnx
-
     from gpts_edge.config import PRESETS, ModelConfig
+    from gpts_edge.export.onnx import export_onnx
 
     from .conftest import make_checkpoint
 
@@ -177,9 +176,8 @@ def test_export_ort_bad_checkpoint_leaves_nothing_behind(tmp_path: Path) -> None
 
 def test_greedy_tokens_identical_torch_vs_ort_runtime(ort_folder: Path, tiny_checkpoint: Path) -> None:
     """The project's torch-free runtime opens the ORT folder and decodes what PyTorch decodes."""
-    from gpts_edge.runtimes.onnx import OnnxRuntime
-
     from gpts_edge.generation import generate_ids, sampling_options
+    from gpts_edge.runtimes.onnx import OnnxRuntime
     from gpts_edge.torch_runtime import TorchRuntime
 
     ort_rt = OnnxRuntime(ort_folder)

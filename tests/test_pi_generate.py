@@ -39,9 +39,8 @@ def _script(folder: Path, *args: str) -> dict:
 
 
 def _runtime_tokens(folder: Path, seed: int, greedy: bool) -> list[int]:
-    from gpts_edge.runtimes.onnx import OnnxRuntime
-
     from gpts_edge.generation import generate_ids, sampling_options
+    from gpts_edge.runtimes.onnx import OnnxRuntime
 
     rt = OnnxRuntime(folder)
     opts = sampling_options(rt.generation_config, greedy=greedy, max_new_tokens=30)

@@ -115,6 +115,7 @@ def measure_steps(browser, url: str, pasts: list[int], n: int = 200) -> list[dic
 
 def measure_native_steps(onnx_file: Path, pasts: list[int], n: int = 200) -> list[dict]:
     import numpy as np
+
     from gpts_edge.runtimes.onnx import OnnxRuntime
 
     rt = OnnxRuntime(onnx_file.parent, threads=1)
@@ -139,8 +140,8 @@ def measure_native_steps(onnx_file: Path, pasts: list[int], n: int = 200) -> lis
 def measure_native(onnx_file: Path, tokens: int, repeats: int) -> dict:
     """The same greedy loop in Python onnxruntime (CPU, one thread), timed per decode step."""
     import numpy as np
-    from gpts_edge.runtimes.onnx import OnnxRuntime
 
+    from gpts_edge.runtimes.onnx import OnnxRuntime
     from gpts_edge.sampling import SamplingOptions, generate_tokens
 
     rt = OnnxRuntime(onnx_file.parent, threads=1)
