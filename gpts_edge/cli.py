@@ -375,7 +375,9 @@ def web(
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
-    runtime: Annotated[str, typer.Option(help="onnx | gguf | torch")] = "onnx",
+    runtime: Annotated[
+        str | None, typer.Option(help="onnx | gguf | torch (default: gguf for a .gguf file, else onnx)")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     parallel: Annotated[int, typer.Option(help="Sequences decoded together in one batched step.")] = 16,

@@ -263,7 +263,7 @@ def default_model_id(model: str | Path | None) -> str:
 def open_server(
     model: str | None = None,
     *,
-    runtime: str = "onnx",
+    runtime: str | None = None,
     parallel: int = 16,
     max_queue: int = 64,
     threads: int = 1,
@@ -276,7 +276,7 @@ def open_server(
 
     if threads < 1:
         raise GptsError(f"--threads: expected a positive integer, found {threads}")
-    rt = open_runtime(runtime, model, **({"threads": threads} if runtime == "onnx" else {}))
+    rt = open_runtime(runtime, model, threads=threads)
     return Server(
         rt,
         model_id=default_model_id(model),
@@ -292,7 +292,7 @@ def open_server(
 def serve(
     model: str | None = None,
     *,
-    runtime: str = "onnx",
+    runtime: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
     parallel: int = 16,
@@ -318,8 +318,9 @@ def serve(
         json_logs=json_logs,
     )
     mode = "batched decode graph" if server.scheduler.batched else "one step per sequence"
+    kind = type(server.runtime).__name__
     log(
-        f"serving {server.model_id} ({runtime}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"
+        f"serving {server.model_id} ({kind}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"
         + (" with an API key" if server.api_key else "")
     )
     try:

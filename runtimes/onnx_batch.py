@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gpts_edge.runtimes.onnx import DECODE_SUFFIX, OnnxRuntime
 
+from gpts_edge.constants import DECODE_SUFFIX
 from gpts_edge.errors import GptsError
-from gpts_edge.names import ONNX_INPUT_IDS, ONNX_LOGITS
-
-SEQLENS_K = "seqlens_k"  # int32 [batch]: each row's total length - 1
-TOTAL_LENGTH = "total_sequence_length"  # int32 scalar: the longest row's total length
+from gpts_edge.names import ONNX_DECODE_SEQLENS_K as SEQLENS_K  # int32 [batch] here: each row's length - 1
+from gpts_edge.names import ONNX_DECODE_TOTAL_LENGTH as TOTAL_LENGTH  # int32 scalar: the longest row's
+from gpts_edge.names import ONNX_INPUT_IDS, ONNX_LOGITS, onnx_past_names, onnx_present_names
+from gpts_edge.runtimes.onnx import OnnxRuntime
 
 
 def decode_graph_path(runtime: OnnxRuntime) -> Path | None:
@@ -89,6 +89,7 @@ class BatchedDecoder:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise GptsError(f"{path}: cannot run the decode graph batched ({first[:200]})") from None
         self.row_shape = (cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
+        self._kv_names = list(zip(onnx_past_names(cfg), onnx_present_names(cfg), strict=True))
         # (layers, key|value, slots, kv heads, context, head dim); positions >= length are never read.
         self.kv = np.zeros((cfg.num_layers, 2, slots, *self.row_shape), dtype=np.float32)
         self.lengths = np.zeros(slots, dtype=np.int64)
@@ -102,11 +103,10 @@ class BatchedDecoder:
 
     def _bind_kv(self, io: Any, rows: slice, n: int) -> None:
         shape = [n, *self.row_shape]
-        for i in range(self.config.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                ptr = self.kv[i, j, rows].ctypes.data
-                io.bind_input(f"past_key_values.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
-                io.bind_output(f"present.{i}.{kind}", "cpu", 0, np.float32, shape, ptr)
+        for k, (past, present) in enumerate(self._kv_names):  # layer k // 2, key (0) or value (1)
+            ptr = self.kv[k // 2, k % 2, rows].ctypes.data
+            io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+            io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
 
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Read ``ids`` into slot ``row`` from an empty cache; the next-token logits (vocab,)."""

@@ -7,18 +7,18 @@ import threading
 
 import numpy as np
 import pytest
-from gpts_edge.runtimes.onnx import open_onnx_runtime
-from gpts_edge.runtimes.onnx_batch import BatchedDecoder
 
+from gpts_edge.api import open_runtime
 from gpts_edge.batching import QueueFull, Scheduler, Sequence
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import generate_ids, sampling_options
+from gpts_edge.runtimes.onnx_batch import BatchedDecoder
 from gpts_edge.sampling import SequenceSampler
 
 
 @pytest.fixture(scope="module")
 def rt():
-    return open_onnx_runtime(None)  # the bundled model's cached export (it has the decode graph)
+    return open_runtime("onnx", None)  # the bundled model's cached export (it has the decode graph)
 
 
 def _sampler(rt, ids, opts, seed):
