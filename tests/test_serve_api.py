@@ -339,3 +339,17 @@ def test_missing_serve_extra_is_one_error_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "error: gpts-edge serve needs the 'serve' extra (uvicorn missing): pip install 'gpts-edge[serve]'"
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parallel", "0"], "error: --parallel: expected 1..256, found 0"),
+        (["--port", "70000"], "error: --port: expected 0..65535, found 70000"),
+        (["--threads", "0"], "error: --threads: expected a positive integer, found 0"),
+    ],
+)
+def test_bad_serve_options_are_one_error_line(args, message) -> None:
+    proc = run_cli("serve", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message]
