@@ -8,6 +8,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ from gpts_edge.completions import MAX_BODY_BYTES, TRUNCATED_HEADER  # noqa: E402
 from gpts_edge.generation import generate_text, sampling_options  # noqa: E402
 from gpts_edge.serve import create_app, open_server  # noqa: E402
 
-from .conftest import run_cli  # noqa: E402
+from .conftest import REPO, run_cli  # noqa: E402
 
 PROMPT = "The future of AI is"
 
@@ -361,3 +363,17 @@ def test_bad_serve_options_are_one_error_line(args, message) -> None:
     proc = run_cli("serve", *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message]
+
+
+def test_bench_script_reports_every_level(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "serve_bench.py"), "--clients", "1,3", "--threads", "1"]
+        + ["--requests", "1", "--repeat", "1", "--max-tokens", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)["runs"]
+    assert [(r["threads"], r["clients"]) for r in runs] == [(1, 1), (1, 3)]
+    assert all(r["tokens"] == 4 * r["clients"] and r["tok_s"] > 0 for r in runs)
