@@ -74,8 +74,8 @@ def live():
 
 @pytest.fixture(scope="module")
 def small():
-    """One row, no queue, an API key: for 401, 429 and disconnects."""
-    s = Live(parallel=1, max_queue=0, api_key="sesame")
+    """One row, no queue, an API key, JSON logs: for 401, 429, disconnects and --json-logs."""
+    s = Live(parallel=1, max_queue=0, api_key="sesame", json_logs=True)
     yield s
     s.close()
 
@@ -306,9 +306,16 @@ def test_disconnect_mid_stream_stops_generation_and_full_queue_is_429(small) -> 
 
 
 def test_request_log_has_one_line_per_request(live) -> None:
+    start = len(live.logs)
     live.client().completions.create(model="gpt-s-1.4m", prompt="log me", max_tokens=3, temperature=0)
-    lines = [ln for ln in live.logs if ln.startswith("POST /v1/completions 200 tokens=3 ")]
-    assert lines and lines[-1].endswith("ms")
+    deadline = time.monotonic() + 5
+    while len(live.logs) == start:  # a line is written just after the response's last byte
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(live.logs) == start + 1
+    assert live.logs[start].startswith("POST /v1/completions 200 tokens=3 ") and live.logs[start].endswith(
+        "ms"
+    )
 
 
 def test_load_of_64_clients_times_3_requests_equals_sequential_results(live) -> None:
@@ -377,3 +384,19 @@ def test_bench_script_reports_every_level(tmp_path: Path) -> None:
     runs = json.loads(proc.stdout)["runs"]
     assert [(r["threads"], r["clients"]) for r in runs] == [(1, 1), (1, 3)]
     assert all(r["tokens"] == 4 * r["clients"] and r["tok_s"] > 0 for r in runs)
+
+
+def test_json_logs_are_one_object_per_request(small) -> None:
+    start = len(small.logs)
+    small.raw("GET", "/health")
+    small.raw("GET", "/v1/models")  # no key: 401
+    deadline = time.monotonic() + 5
+    while len(small.logs) < start + 2:  # a line is written just after the response's last byte
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    entries = [json.loads(line) for line in small.logs[start : start + 2]]
+    assert [(e["method"], e["path"], e["status"]) for e in entries] == [
+        ("GET", "/health", 200),
+        ("GET", "/v1/models", 401),
+    ]
+    assert all(e["tokens"] == 0 and e["ms"] >= 0 for e in entries)
