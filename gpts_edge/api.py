@@ -32,7 +32,7 @@ from gpts_edge.errors import GptsError
 from gpts_edge.fileio import check_readable
 from gpts_edge.generation import Runtime, TextModel
 
-RUNTIMES = ("onnx", "gguf", "torch")
+RUNTIMES = ("torch", "onnx", "gguf")
 # Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
 CACHE_FORMAT = 3
 

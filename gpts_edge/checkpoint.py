@@ -78,6 +78,7 @@ class Checkpoint:
     config: ModelConfig
     weights: dict[str, np.ndarray]
     generation: dict[str, Any]
+    tokenizer: Any = None  # the tokenizers.Tokenizer, loaded (and checked) once by load_checkpoint
 
     @property
     def tokenizer_path(self) -> Path:
@@ -149,8 +150,8 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     root = resolve_model_dir(path)
     cfg = ModelConfig.load(root / CONFIG_FILE)
     weights = load_weights(root / WEIGHTS_FILE, cfg)
-    load_tokenizer(root / TOKENIZER_FILE, vocab_size=cfg.vocab_size)
-    return Checkpoint(root, cfg, weights, load_generation_config(root / GENERATION_FILE))
+    tokenizer = load_tokenizer(root / TOKENIZER_FILE, vocab_size=cfg.vocab_size)
+    return Checkpoint(root, cfg, weights, load_generation_config(root / GENERATION_FILE), tokenizer)
 
 
 def weights_sha256(path: str | Path) -> str:

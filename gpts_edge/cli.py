@@ -167,6 +167,10 @@ def train(
         str | None, typer.Option(help="Start from these weights: 'default' or a checkpoint directory.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
+    decontaminate: Annotated[
+        str | None,
+        typer.Option(help="Eval folder or file: drop documents sharing a 13-gram with it before tokenizing."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train GPT-S (the card's recipe as preset gpt-s-1.4m; every number can be overridden)."""
@@ -196,6 +200,7 @@ def train(
             tokenizer=tokenizer,
             init=init,
             resume=resume,
+            decontaminate=decontaminate,
             progress=progress,
         )
         result = run_training(tc)
@@ -410,6 +415,44 @@ def web(
         _fail(exc)
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Checkpoint dir, ONNX folder or .gguf file.")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="onnx | gguf | torch (default: gguf for a .gguf file, else onnx)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    parallel: Annotated[int, typer.Option(help="Sequences decoded together in one batched step.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a free row (then 429).")] = 64,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for the model.")] = 1,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set GPTS_EDGE_API_KEY).")
+    ] = None,
+    json_logs: Annotated[
+        bool, typer.Option("--json-logs", help="One JSON object per request log line.")
+    ] = False,
+) -> None:
+    """OpenAI-compatible completions server (/v1/completions, streaming, continuous batching)."""
+    from gpts_edge.serve import serve as run_server
+
+    try:
+        run_server(
+            model,
+            runtime=runtime,
+            host=host,
+            port=port,
+            parallel=parallel,
+            max_queue=max_queue,
+            threads=threads,
+            api_key=api_key,
+            json_logs=json_logs,
+            log=lambda m: typer.echo(m, err=True),
+        )
+    except GptsError as exc:
+        _fail(exc)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: Annotated[list[str], typer.Option(help="Text, .jsonl(.gz), directory or glob; repeatable.")],
@@ -429,6 +472,51 @@ def tokenizer_train(
     except GptsError as exc:
         _fail(exc)
     typer.echo(f"wrote {out} ({vocab_size} tokens)")
+
+
+# --- data: statistics and eval-set contamination of training sources -------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Training-data tools: statistics, eval contamination.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("stats")
+def data_stats(
+    data: Annotated[
+        list[str], typer.Option(help="PATH[:WEIGHT] as for train: text, .jsonl(.gz), dir, glob.")
+    ],
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Documents, bytes, tokens and bytes/token of each source."""
+    from gpts_edge.training.datastats import format_stats, source_stats
+
+    try:
+        report = source_stats(data, tokenizer, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_stats(report))
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[
+        list[str], typer.Option(help="PATH[:WEIGHT] as for train: text, .jsonl(.gz), dir, glob.")
+    ],
+    against: Annotated[
+        list[str], typer.Option(help="Eval folder (the layout of eval --data) or eval file; repeatable.")
+    ],
+    n: Annotated[int, typer.Option("--n", help="Words per n-gram (lowercased, punctuation split).")] = 13,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Documents and tokens of each source that share an n-gram with an eval item."""
+    from gpts_edge.training.datastats import check_sources, format_check
+
+    try:
+        report = check_sources(data, against, n=n, tokenizer=tokenizer, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_check(report))
 
 
 def main() -> None:

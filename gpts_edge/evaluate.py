@@ -503,14 +503,48 @@ def expand_tasks(task: str) -> list[str]:
     return names
 
 
+# The Open SLM Leaderboard's index: each task's acc_norm normalised against chance, ARC-Easy and
+# ARC-Challenge averaged into one term, ArithMark weighted 0.65 (we do not measure it, so it counts
+# at chance, i.e. 0).
+INDEX_WEIGHTS = {"hellaswag": 1.0, "arc": 1.0, "piqa": 1.0, "arithmark": 0.65}
+
+
+def _normalised(score: float, chance: float) -> float:
+    return 100 * (score - chance) / (100 - chance)
+
+
+def leaderboard_index(results: dict[str, dict[str, Any]]) -> float | None:
+    """The Open SLM Leaderboard index from acc_norm; None unless all four tasks were scored."""
+    if not all(t in results for t in TASKS):
+        return None
+    terms = {
+        "hellaswag": _normalised(results["hellaswag"]["acc_norm"], RANDOM_CHANCE["hellaswag"]),
+        "arc": (
+            _normalised(results["arc_easy"]["acc_norm"], RANDOM_CHANCE["arc_easy"])
+            + _normalised(results["arc_challenge"]["acc_norm"], RANDOM_CHANCE["arc_challenge"])
+        )
+        / 2,
+        "piqa": _normalised(results["piqa"]["acc_norm"], RANDOM_CHANCE["piqa"]),
+        "arithmark": 0.0,  # not measured: at chance
+    }
+    total = sum(INDEX_WEIGHTS[k] * v for k, v in terms.items())
+    return round(total / sum(INDEX_WEIGHTS.values()), 2)
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        f"{'task':14s} {'acc':>7s} {'acc_norm':>9s} {'acc_bytes':>9s} {'chance':>7s} {'n':>6s} {'items/s':>8s}"
+        f"{'task':14s} {'acc':>7s} {'acc_norm':>9s} {'±':>5s} {'acc_bytes':>9s} {'chance':>7s} {'n':>6s} {'items/s':>8s}"
     ]
     for task, r in results.items():
         chance = f"{RANDOM_CHANCE[task]:.1f}" if task in RANDOM_CHANCE else "-"
         lines.append(
-            f"{task:14s} {r['acc']:7.2f} {r['acc_norm']:9.2f} {r['acc_bytes']:9.2f} {chance:>7s} "
-            f"{r['n']:6d} {r.get('items_per_s', float('nan')):8.1f}"
+            f"{task:14s} {r['acc']:7.2f} {r['acc_norm']:9.2f} {r.get('acc_norm_stderr', float('nan')):5.2f} "
+            f"{r['acc_bytes']:9.2f} {chance:>7s} {r['n']:6d} {r.get('items_per_s', float('nan')):8.1f}"
+        )
+    index = leaderboard_index(results)
+    if index is not None:
+        lines.append(
+            f"Open SLM Leaderboard index {index:.2f} (acc_norm vs chance; ARC-E/ARC-C averaged; "
+            "ArithMark weight 0.65 not measured, counted at chance)"
         )
     return "\n".join(lines)

@@ -43,8 +43,8 @@ BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("onnx", "int4"): (0.22, 0.68),
     ("gguf", "f32"): (1e-8, 0.999),
     ("gguf", "f16"): (1e-5, 0.99),
-    ("gguf", "q8_0"): (3e-3, 0.95),
-    ("gguf", "q4_0"): (0.4, 0.7),
+    ("gguf", "q8_0"): (2e-3, 0.95),
+    ("gguf", "q4_0"): (0.25, 0.66),
 }
 FULL_PRECISION = ("none", "f32")
 

@@ -21,6 +21,7 @@ Order of operations in ``sample`` (fixed; the JS port follows it exactly), all i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,23 +67,51 @@ def banned_ngram_tokens(history: Sequence[int], n: int) -> set[int]:
     """Tokens that would complete an n-gram already present in ``history``."""
     if n <= 0 or len(history) < n:
         return set()
-    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
-    banned = set()
-    for i in range(len(history) - n + 1):
-        if tuple(history[i : i + n - 1]) == prefix:
-            banned.add(int(history[i + n - 1]))
-    return banned
+    h = np.asarray(history, dtype=np.int64)
+    windows = len(h) - n + 1
+    # Window i (history[i : i + n - 1]) matches the last n - 1 tokens: history[i + n - 1] is banned.
+    match = np.ones(windows, dtype=bool)
+    for j in range(n - 1):
+        match &= h[j : j + windows] == h[len(h) - n + 1 + j]
+    return set(h[n - 1 :][match].tolist())
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Ids of the shortest prefix of ``p`` sorted by probability (descending, stable) whose mass
+    reaches ``top_p`` (at least one).
+
+    The same ids as sorting all of ``p``, found by sorting only the largest probabilities: the
+    ids with ``p >= t`` (t = the m-th largest value) are exactly the first ids of the full stable
+    order, in the same order, so their running sums are the same numbers (cumsum adds in order).
+    When that prefix reaches ``top_p`` the answer is in it; otherwise m grows, up to a full sort.
+    A small model's nucleus is usually tens of ids out of 4,096, and a full sort was most of a
+    sampling step's time.
+    """
+    n = len(p)
+    m = min(n, 64)
+    while m < n:
+        t = np.partition(p, n - m)[n - m]
+        cand = np.flatnonzero(p >= t)  # ascending ids, so a stable sort breaks ties by id
+        order = cand[np.argsort(-p[cand], kind="stable")]
+        k = int(np.searchsorted(np.cumsum(p[order]), top_p))
+        if k < len(order):
+            return order[: k + 1]
+        m *= 8
+    order = np.argsort(-p, kind="stable")
+    return order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
 
 
 def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u: float) -> int:
     """One token id from ``logits`` (1-D) given the ids so far and a uniform draw ``u``."""
     x = np.asarray(logits, dtype=np.float64).copy()
     if opts.repetition_penalty != 1.0 and len(history):
-        ids = np.unique(np.asarray(history, dtype=np.int64))
+        # Repeated ids read the same original value and write the same result, so no np.unique.
+        ids = np.asarray(history, dtype=np.int64)
         vals = x[ids]
         x[ids] = np.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
-    for t in banned_ngram_tokens(history, opts.no_repeat_ngram_size):
-        x[t] = -np.inf
+    banned = banned_ngram_tokens(history, opts.no_repeat_ngram_size)
+    if banned:
+        x[list(banned)] = -np.inf
     if not np.isfinite(x).any():  # everything banned: the raw argmax rather than fail
         return int(np.argmax(logits))
     if opts.greedy:
@@ -94,15 +123,16 @@ def sample(logits: np.ndarray, opts: SamplingOptions, history: Sequence[int], u:
     finite = np.isfinite(x)
     if not finite.any():  # e.g. a tiny temperature overflowed every logit
         return int(np.argmax(logits))
-    p = np.zeros_like(x)
-    p[finite] = np.exp(x[finite] - x[finite].max())
+    top = x.max()
+    if math.isfinite(top):  # no +inf or NaN: exp(-inf - top) is exactly the 0 of a masked entry
+        p = np.exp(x - top)
+    else:
+        p = np.zeros_like(x)
+        p[finite] = np.exp(x[finite] - x[finite].max())
     p /= p.sum()
     if opts.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep_n = int(np.searchsorted(cum, opts.top_p) + 1)
         keep = np.zeros_like(p, dtype=bool)
-        keep[order[:keep_n]] = True
+        keep[_nucleus(p, opts.top_p)] = True
         p = np.where(keep, p, 0.0)
     cum = np.cumsum(p)
     idx = int(np.searchsorted(cum, u * cum[-1], side="right"))
@@ -116,6 +146,81 @@ def check_seed(seed: int) -> None:
     """numpy's generator takes seeds in 0..2**64-1 (and raises a bare ValueError otherwise)."""
     if not 0 <= seed < 2**64:
         raise GptsError(f"--seed: expected an integer in 0..2**64-1, found {seed}")
+
+
+class SequenceSampler:
+    """One sequence's sampling state, advanced one token at a time by whoever runs the model.
+
+    ``generate_tokens`` drives it with a runtime's ``step``; the server's batch scheduler drives
+    many of them with one batched model step. Either way the tokens are the same for the same
+    prompt, options and seed: the draws come from ``np.random.default_rng(seed)`` in order.
+
+    Protocol: feed ``self.feed`` to the model (after a fresh cache when ``self.reset``), pass the
+    logits to ``advance``; repeat while ``not self.done``.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        opts: SamplingOptions,
+        *,
+        context_length: int,
+        vocab_size: int,
+        eos_id: int = 0,
+        seed: int = 0,
+        draws: Iterator[float] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        check_seed(seed)
+        ids = [int(t) for t in prompt_ids] or [eos_id]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GptsError(f"token id {bad[0]} is outside the vocabulary (expected 0..{vocab_size - 1})")
+        self.truncated_from = 0  # the prompt's length in tokens when it had to be cut, else 0
+        if len(ids) > context_length:
+            self.truncated_from = len(ids)
+            if warn:
+                warn(
+                    f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)"
+                )
+            ids = ids[-context_length:]
+        if draws is None:
+            draws = iter(np.random.default_rng(seed).random, None)
+        self.opts, self.context_length, self.eos_id = opts, context_length, eos_id
+        self._draws, self._warn = draws, warn
+        self.prompt = list(ids)
+        self.history = list(ids)
+        self.feed: list[int] = list(ids)  # what the model must read next
+        self.reset = True  # the model must start from a fresh cache before reading ``feed``
+        self.filled = 0  # positions in the model's cache once ``feed`` is read
+        self.generated = 0
+        self.slid = False
+        self.done = opts.max_new_tokens == 0
+
+    def advance(self, logits: np.ndarray) -> int:
+        """Sample the next token from the logits after ``feed``; sets the next ``feed``."""
+        self.filled = len(self.feed) if self.reset else self.filled + len(self.feed)
+        tok = sample(logits, self.opts, self.history, next(self._draws))
+        self.history.append(tok)
+        self.generated += 1
+        self.reset = False
+        if (self.opts.stop_at_eos and tok == self.eos_id) or self.generated >= self.opts.max_new_tokens:
+            self.done = True  # no model step whose logits nobody reads
+            self.feed = []
+        elif self.filled + 1 > self.context_length:
+            # At least one token: with a context under 4, 3/4 of it rounds to 0, and
+            # history[-0:] would keep the whole history.
+            keep = self.history[-max(1, self.context_length * 3 // 4) :]
+            if self._warn and not self.slid:
+                self._warn(
+                    f"note: context of {self.context_length} tokens is full; sliding the window "
+                    f"(re-reading the last {len(keep)} tokens)"
+                )
+            self.slid = True
+            self.feed, self.reset = keep, True
+        else:
+            self.feed = [tok]
+        return tok
 
 
 def generate_tokens(
@@ -136,44 +241,22 @@ def generate_tokens(
     When the context fills up, the window slides: the cache is dropped and the most recent
     3/4 of the context is prefilled again (positions restart at 0), then generation goes on.
     """
-    check_seed(seed)
-    ids = [int(t) for t in prompt_ids] or [eos_id]
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise GptsError(f"token id {bad[0]} is outside the vocabulary (expected 0..{vocab_size - 1})")
-    if len(ids) > context_length:
-        if warn:
-            warn(f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)")
-        ids = ids[-context_length:]
-    rng = np.random.default_rng(seed)
-    if draws is None:
-        draws = iter(rng.random, None)
-    history = list(ids)
+    seq = SequenceSampler(
+        prompt_ids,
+        opts,
+        context_length=context_length,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seed=seed,
+        draws=draws,
+        warn=warn,
+    )
     cache = new_cache()
-    logits, cache = step(np.asarray(ids, dtype=np.int64), cache)
-    filled = len(ids)
-    slid = False
-    for i in range(opts.max_new_tokens):
-        tok = sample(logits, opts, history, next(draws))
-        yield tok
-        history.append(tok)
-        if opts.stop_at_eos and tok == eos_id:
+    logits, cache = step(np.asarray(seq.feed, dtype=np.int64), cache)
+    while not seq.done:
+        yield seq.advance(logits)
+        if seq.done:
             return
-        if i == opts.max_new_tokens - 1:  # no model step whose logits nobody reads
-            return
-        if filled + 1 > context_length:
-            # At least one token: with a context under 4, 3/4 of it rounds to 0, and
-            # history[-0:] would keep the whole history.
-            keep = history[-max(1, context_length * 3 // 4) :]
-            if warn and not slid:
-                warn(
-                    f"note: context of {context_length} tokens is full; sliding the window "
-                    f"(re-reading the last {len(keep)} tokens)"
-                )
-            slid = True
+        if seq.reset:
             cache = new_cache()
-            logits, cache = step(np.asarray(keep, dtype=np.int64), cache)
-            filled = len(keep)
-        else:
-            logits, cache = step(np.asarray([tok], dtype=np.int64), cache)
-            filled += 1
+        logits, cache = step(np.asarray(seq.feed, dtype=np.int64), cache)

@@ -10,7 +10,6 @@ import torch
 
 from gpts_edge.checkpoint import load_checkpoint
 from gpts_edge.model import GPTS, KVCache, weights_to_state
-from gpts_edge.tokenizer import load_tokenizer
 
 
 class TorchRuntime:
@@ -19,7 +18,7 @@ class TorchRuntime:
         self.path = ckpt.path
         self.config = ckpt.config
         self.generation_config = ckpt.generation
-        self.tokenizer = load_tokenizer(ckpt.tokenizer_path, self.config.vocab_size)
+        self.tokenizer = ckpt.tokenizer
         self.model = GPTS(self.config)
         self.model.load_state_dict(weights_to_state(ckpt.weights))
         self.model.eval()

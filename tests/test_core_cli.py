@@ -124,7 +124,7 @@ def test_generate_bad_options_exit_2_with_one_line(tiny_checkpoint, args: list[s
 
 def test_generate_missing_model_is_a_clear_error(tmp_path) -> None:
     result = _invoke("generate", "Hi", "--runtime", "torch", "--model", tmp_path / "nope")
-    assert result.exit_code == 2 and "no such checkpoint directory" in result.stderr
+    assert result.exit_code == 2 and "nope: no such file or folder" in result.stderr
 
 
 @pytest.mark.parametrize("value", ["hot", None, True, [0.8]])

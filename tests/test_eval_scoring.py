@@ -181,3 +181,19 @@ def test_cli_eval_malformed_file_exits_2_naming_line(tiny_checkpoint: Path, tmp_
     assert proc.exit_code == 2
     assert f"error: {bad}:2: field 'choices'" in proc.stderr
     assert proc.exception is None or isinstance(proc.exception, SystemExit)
+
+
+def test_leaderboard_index_normalises_each_task_against_chance_and_counts_arithmark_at_chance() -> None:
+    from gpts_edge.evaluate import format_table, leaderboard_index
+
+    results = {
+        "hellaswag": {"acc": 30.0, "acc_norm": 40.0, "acc_bytes": 30.0, "n": 10},
+        "arc_easy": {"acc": 30.0, "acc_norm": 55.0, "acc_bytes": 30.0, "n": 10},
+        "arc_challenge": {"acc": 30.0, "acc_norm": 25.0, "acc_bytes": 30.0, "n": 10},
+        "piqa": {"acc": 60.0, "acc_norm": 60.0, "acc_bytes": 60.0, "n": 10},
+    }
+    # hellaswag 100*15/75 = 20; arc (40 + 0) / 2 = 20; piqa 100*10/50 = 20; arithmark 0 (weight 0.65)
+    assert leaderboard_index(results) == round(60 / 3.65, 2)
+    assert "Open SLM Leaderboard index 16.44" in format_table(results)
+    del results["piqa"]
+    assert leaderboard_index(results) is None and "index" not in format_table(results)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,18 @@ class Source:
     weight: float
     train: np.ndarray
     val: np.ndarray
+    dropped: dict | None = None  # what a DocumentFilter removed (meta.json's "dropped")
+
+
+@dataclass(frozen=True)
+class DocumentFilter:
+    """Drops documents before tokenizing (``train --decontaminate``). ``key`` identifies what is
+    dropped (e.g. the eval set's fingerprint) and enters the data-cache key, so a source cached
+    without the filter is never reused with it, nor the reverse."""
+
+    name: str
+    key: str
+    drop: Callable[[str], bool] = field(compare=False)
 
 
 def is_prepared(path: Path) -> bool:
@@ -119,8 +131,11 @@ def _hub_documents(spec: str, limit: int) -> Iterator[str]:
     return documents()
 
 
-def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
-    """Tokenize one raw source into ``cache_dir/<key>/`` unless it is there already."""
+def prepare_source(
+    spec: str, tokenizer_json: Path, cache_dir: Path, doc_filter: DocumentFilter | None = None
+) -> Path:
+    """Tokenize one raw source into ``cache_dir/<key>/`` unless it is there already; documents
+    ``doc_filter`` drops are counted in meta.json (``dropped``) and never tokenized into it."""
     path = Path(spec)
     if is_prepared(path):
         return path
@@ -131,6 +146,8 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
     else:
         files = expand_paths(spec)
         key_src = json.dumps([[str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)] for f in files])
+    if doc_filter is not None:
+        key_src += json.dumps([doc_filter.name, doc_filter.key])
     key = hashlib.sha256((key_src + tokenizer_hash(tokenizer_json)).encode()).hexdigest()[:16]
     out = cache_dir / key
     if is_prepared(out):
@@ -142,6 +159,7 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
+    dropped = {"documents": 0, "tokens": 0, "checked": 0}
     with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
         batch: list[str] = []
         n_doc = 0
@@ -162,6 +180,12 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
             else (t for f in files for t in iter_documents(f))
         )
         for text in documents:
+            if doc_filter is not None:
+                dropped["checked"] += 1
+                if doc_filter.drop(text):
+                    dropped["documents"] += 1
+                    dropped["tokens"] += len(tok.encode(text).ids)  # text tokens, no separator
+                    continue
             batch.append(text)
             if len(batch) >= 512:
                 flush()
@@ -179,6 +203,8 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
         "tokens": counts,
         "tokenizer_sha256_16": tokenizer_hash(tokenizer_json),
     }
+    if doc_filter is not None:
+        meta["dropped"] = {"filter": doc_filter.name, "key": doc_filter.key, **dropped}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     import shutil
 
@@ -191,14 +217,20 @@ def prepare_source(spec: str, tokenizer_json: Path, cache_dir: Path) -> Path:
     return out
 
 
-def load_sources(specs: list[str], tokenizer_json: Path, cache_dir: Path, seq_len: int) -> list[Source]:
+def load_sources(
+    specs: list[str],
+    tokenizer_json: Path,
+    cache_dir: Path,
+    seq_len: int,
+    doc_filter: DocumentFilter | None = None,
+) -> list[Source]:
     if not specs:
         raise GptsError("--data: give at least one training source")
     specs = expand_card_mix(specs)
     sources = []
     for spec in specs:
         path, weight = parse_data_spec(spec)
-        prepared = prepare_source(path, tokenizer_json, cache_dir)
+        prepared = prepare_source(path, tokenizer_json, cache_dir, doc_filter)
         meta = json.loads((prepared / "meta.json").read_text())
         want = tokenizer_hash(tokenizer_json)
         if meta.get("tokenizer_sha256_16") != want:
@@ -210,7 +242,7 @@ def load_sources(specs: list[str], tokenizer_json: Path, cache_dir: Path, seq_le
         val = np.fromfile(prepared / "val.bin", dtype=np.uint16)
         if len(train) < seq_len + 2:
             raise GptsError(f"--data {path}: only {len(train)} training tokens, need more than {seq_len + 1}")
-        sources.append(Source(path, weight, train, val))
+        sources.append(Source(path, weight, train, val, meta.get("dropped")))
     return sources
 
 

@@ -41,7 +41,7 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
-from gpts_edge.training.data import Sampler, load_sources, validation_windows
+from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
 from gpts_edge.training.schedule import wsd_lr
 
 STATE_FILE = "train_state.json"
@@ -79,6 +79,7 @@ class TrainConfig:
     tokenizer: str | None = None
     init: str | None = None  # start from these weights (checkpoint dir or "default"), not their optimizer
     resume: bool = False
+    decontaminate: str | None = None  # eval folder/file: drop documents sharing a 13-gram with it
     progress: bool = True
 
 
@@ -194,7 +195,11 @@ class Trainer:
         if not self.max_steps and not tc.time_limit:
             raise GptsError("give --max-steps, --tokens or --time-limit")
 
-        self.sources = load_sources(tc.data, self.tokenizer_json, self.out / "data-cache", self.seq_len)
+        doc_filter, eval_summary = self._decontamination_filter() if tc.decontaminate else (None, None)
+        self.sources = load_sources(
+            tc.data, self.tokenizer_json, self.out / "data-cache", self.seq_len, doc_filter
+        )
+        self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
         self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
         self.val = torch.from_numpy(validation_windows(self.sources, self.seq_len, tc.eval_windows))
 
@@ -230,6 +235,39 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.fwd = torch.compile(self.ddp_model) if tc.compile else self.ddp_model
+
+    # -- decontamination --
+    def _decontamination_filter(self) -> tuple[DocumentFilter, dict[str, Any]]:
+        from gpts_edge.contamination import load_eval_index
+
+        index = load_eval_index(self.tc.decontaminate, option="--decontaminate")
+        return DocumentFilter("decontamination", index.fingerprint, index.contaminated), index.summary()
+
+    def _decontamination_report(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Per source: documents checked and dropped, tokens dropped; logged and kept in
+        train_state.json. A prepared token folder has no text to check and says so."""
+        report: dict[str, Any] = {
+            "against": self.tc.decontaminate,
+            "n": summary["n"],
+            "eval_items": summary["items"],
+            "eval_fingerprint": summary["fingerprint"],
+            "sources": {},
+        }
+        for s in self.sources:
+            d = s.dropped
+            row = (
+                {k: d[k] for k in ("checked", "documents", "tokens")}
+                if d
+                else {"checked": None, "note": "prepared token folder: not checked"}
+            )
+            report["sources"][s.name] = row
+            if self.rank == 0:
+                if d:
+                    msg = f"dropped {d['documents']:,} of {d['checked']:,} documents ({d['tokens']:,} tokens)"
+                else:
+                    msg = "a prepared token folder, not checked"
+                print(f"decontamination against {self.tc.decontaminate}: {s.name}: {msg}", flush=True)
+        return report
 
     # -- state --
     def _init_from(self, init: str) -> None:
@@ -310,6 +348,7 @@ class Trainer:
                 "world_size": self.world,
                 "sampler": samplers,
                 "train_seconds": self.train_seconds,
+                "decontamination": self.decontamination,
                 "train_config": {k: v for k, v in dataclasses.asdict(self.tc).items() if k != "resume"},
             }
             # Written last: a snapshot without it is ignored by --resume.

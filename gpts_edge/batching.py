@@ -1,0 +1,318 @@
+"""Continuous batching: many sequences decoded together, one model step for all of them.
+
+One scheduler thread owns the model. Sequences are submitted from any thread; between two steps
+the scheduler admits waiting sequences into free rows (one prefill each), drops finished or
+cancelled ones, then runs one batched decode step for every active row and samples each row with
+its own ``SequenceSampler`` (the project's one sampler, its own seeded draws). A sequence therefore
+gets exactly the tokens it would get alone: the batched graph computes each row independently
+(tested bit for bit against batch-1 steps), and the sampling state is per sequence.
+
+    submit() ─> pending ─> admit: prefill row r ─> [decode all rows ─> sample each row]* ─> retire
+
+Backends: ``BatchedDecoder`` (ONNX decode graph, all rows in one run) when the model has a decode
+graph; otherwise any Runtime's ``step`` per row (torch, GGUF, an ONNX export without the decode
+graph): the same scheduling and tokens, without the batching speed-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpts_edge.errors import GptsError
+from gpts_edge.generation import Runtime
+from gpts_edge.sampling import SequenceSampler
+
+MAX_LOGPROBS = 5
+MAX_SLOTS = 256  # each row holds a full-context KV slot (~1 MB for GPT-S-1.4M)
+
+
+class QueueFull(GptsError):
+    """More sequences waiting than the scheduler accepts."""
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token; ``logprob``/``top`` only when the sequence asked for logprobs."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A sequence to decode. Callbacks run on the scheduler thread and must not block."""
+
+    sampler: SequenceSampler
+    on_token: Callable[[TokenEvent], None]
+    on_done: Callable[[str | None, Exception | None], None]  # ("stop" | "length", None) or (None, err)
+    logprobs: int | None = None  # top-N alternatives per token (0..5); None: no logprobs
+    cancelled: bool = False
+    finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating (a disconnected client, a stop string found); ``on_done`` still runs."""
+        self.cancelled = True
+
+
+class _PerRowBackend:
+    """Rows stepped one at a time through a Runtime's ``step`` (any runtime)."""
+
+    def __init__(self, runtime: Runtime, slots: int) -> None:
+        self.rt = runtime
+        self.caches: list[Any] = [None] * slots
+
+    def prefill(self, row: int, ids: list[int]) -> np.ndarray:
+        logits, self.caches[row] = self.rt.step(np.asarray(ids, dtype=np.int64), self.rt.new_cache())
+        return logits
+
+    def decode(self, tokens: list[int]) -> np.ndarray:
+        out = []
+        for row, tok in enumerate(tokens):
+            logits, self.caches[row] = self.rt.step(np.asarray([tok], dtype=np.int64), self.caches[row])
+            out.append(np.asarray(logits))
+        return np.stack(out)
+
+    def move(self, src: int, dst: int) -> None:
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+class Scheduler:
+    """Owns the model on one thread; decodes up to ``slots`` sequences per step.
+
+    ``max_queue`` bounds the sequences waiting for a row (beyond that, ``submit`` raises QueueFull).
+    ``batched``: None picks the batched ONNX decoder when the runtime has a decode graph.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        slots: int = 16,
+        max_queue: int = 64,
+        threads: int = 1,
+        batched: bool | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        if not 1 <= slots <= MAX_SLOTS:
+            raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
+        if max_queue < 0:
+            raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
+        self.runtime = runtime
+        self.slots, self.max_queue = slots, max_queue
+        self.backend: Any = None
+        if batched is not False:
+            from gpts_edge.runtimes.onnx import OnnxRuntime
+
+            if isinstance(runtime, OnnxRuntime):
+                from gpts_edge.runtimes.onnx_batch import BatchedDecoder, decode_graph_path
+
+                if decode_graph_path(runtime) is not None:
+                    self.backend = BatchedDecoder(runtime, slots, threads=threads)
+            if self.backend is None and batched:
+                raise GptsError(
+                    "batched decoding needs an ONNX export with its decode graph (model.decode.onnx)"
+                )
+        if self.backend is None:
+            self.backend = _PerRowBackend(runtime, slots)
+        self.batched = not isinstance(self.backend, _PerRowBackend)
+        self._cond = threading.Condition()
+        self._pending: deque[Sequence] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._active: list[Sequence] = []  # row r holds _active[r]
+        self._stop = False
+        self._after_step = after_step or (lambda: None)  # e.g. wake the requests that got tokens
+        # Rows are sampled on a small pool when more than one thread is allowed (each row's sampler
+        # is its own, so the order of work does not change any token).
+        self._pool_size = max(1, threads)
+        self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
+        self.stats = {"steps": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
+        self.stats.update(decode_us=0, sample_us=0, deliver_us=0)
+        self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- any thread ----------------------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (all or none)."""
+        with self._cond:
+            if self._stop:
+                raise GptsError("the scheduler is shut down")
+            free = self.slots - len(self._active)
+            waiting = len(self._pending) + len(seqs) - max(free, 0)
+            if waiting > self.max_queue:
+                raise QueueFull(
+                    f"server busy: {len(self._active)} sequences decoding, {len(self._pending)} waiting "
+                    f"(--parallel {self.slots}, --max-queue {self.max_queue})"
+                )
+            self._pending.extend(seqs)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the scheduler thread between two steps (the model has one owner)."""
+        fut: Future = Future()
+        with self._cond:
+            self._calls.append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"active": len(self._active), "pending": len(self._pending), **self.stats}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    # --- scheduler thread ----------------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: str | None, err: Exception | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq.cancelled and err is None:
+            self.stats["cancelled"] += 1
+        with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
+            seq.on_done(reason, err)
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: np.ndarray) -> TokenEvent:
+        """The row's next token (touches only this sequence: safe on a pool thread)."""
+        tok = seq.sampler.advance(logits)
+        event = TokenEvent(tok)
+        if seq.logprobs is not None:
+            lp = _log_softmax(logits)
+            event.logprob = float(lp[tok])
+            if seq.logprobs:
+                top = np.argsort(-lp, kind="stable")[: seq.logprobs]
+                event.top = [(int(t), float(lp[t])) for t in top]
+        return event
+
+    def _deliver(self, seq: Sequence, event: TokenEvent) -> None:
+        self.stats["tokens"] += 1
+        try:
+            seq.on_token(event)
+        except Exception as exc:
+            seq.cancelled = True
+            self._finish(seq, None, exc)
+            return
+        s = seq.sampler
+        if s.done:
+            eos = s.opts.stop_at_eos and event.token == s.eos_id
+            self._finish(seq, "stop" if eos else "length")
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
+        self._deliver(seq, self._sample(seq, logits))
+
+    def _sample_rows(self, rows: list[tuple[Sequence, np.ndarray]]) -> list[TokenEvent]:
+        """Sample every row; with several threads, numpy's GIL-free inner loops overlap."""
+        if self._pool is None or len(rows) < 2:
+            return [self._sample(seq, logits) for seq, logits in rows]
+        k = self._pool_size
+        parts = [rows[i::k] for i in range(k)]
+        done = list(self._pool.map(lambda part: [self._sample(seq, lg) for seq, lg in part], parts))
+        events: list[TokenEvent] = [None] * len(rows)  # type: ignore[list-item]
+        for i, part in enumerate(done):
+            events[i::k] = part
+        return events
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows; the last active row moves into each freed row."""
+        row = 0
+        while row < len(self._active):
+            seq = self._active[row]
+            if seq.cancelled or seq.finished or seq.sampler.done:
+                if not seq.finished:
+                    self._finish(seq, "stop")
+                last = len(self._active) - 1
+                if row != last:
+                    self.backend.move(last, row)
+                    self._active[row] = self._active[last]
+                self._active.pop()
+            else:
+                row += 1
+
+    @staticmethod
+    def _run_calls(calls: list[tuple[Callable[[], Any], Future]]) -> None:
+        for fn, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # handed to the caller, who turns it into a response
+                    fut.set_exception(exc)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._pending or self._calls or self._active):
+                    self._cond.wait()
+                if self._stop:
+                    pending, self._pending = list(self._pending), deque()
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                while self._pending and len(self._active) < self.slots:
+                    seq = self._pending.popleft()
+                    if seq.cancelled or seq.sampler.done:
+                        self._finish(seq, "stop" if seq.cancelled else "length")
+                        continue
+                    self._active.append(seq)
+            self._run_calls(calls)
+            self._step()
+            self._after_step()
+        for seq in pending + self._active:
+            self._finish(seq, None, GptsError("the server is shutting down"))
+        self._after_step()
+
+    def _step(self) -> None:
+        self._retire()
+        try:
+            # Rows that start (new, or sliding past the context) read their tokens first.
+            for row, seq in enumerate(self._active):
+                # A full prompt slides right after its first token: read the kept tokens too.
+                while seq.sampler.reset and not (seq.finished or seq.sampler.done):
+                    self._advance(seq, self.backend.prefill(row, seq.sampler.feed))
+            self._retire()
+            if not self._active:
+                return
+            t0 = time.perf_counter()
+            logits = self.backend.decode([seq.sampler.feed[0] for seq in self._active])
+            t1 = time.perf_counter()
+            self.stats["steps"] += 1
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(self._active))
+            rows = [(seq, logits[row]) for row, seq in enumerate(self._active) if not seq.finished]
+            events = self._sample_rows(rows)
+            t2 = time.perf_counter()
+            for (seq, _), event in zip(rows, events, strict=True):
+                self._deliver(seq, event)
+            self._retire()
+            # Where a decode step's time goes (microseconds, summed): the model, the sampler, the rest.
+            self.stats["decode_us"] += int((t1 - t0) * 1e6)
+            self.stats["sample_us"] += int((t2 - t1) * 1e6)
+            self.stats["deliver_us"] += int((time.perf_counter() - t2) * 1e6)
+        except Exception as exc:  # a model failure ends the sequences in flight, not the server
+            err = exc if isinstance(exc, GptsError) else GptsError(f"model step failed: {exc}")
+            for seq in self._active:
+                seq.cancelled = True
+                self._finish(seq, None, err)
+            self._retire()

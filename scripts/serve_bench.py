@@ -1,0 +1,165 @@
+"""Load-test `gpts-edge serve`: aggregate completion tokens/s and request latency at several
+concurrency levels, for 1 thread and for all cores. Each setting starts its own server process
+(so the clients, in this process, do not share its interpreter) on a free loopback port.
+
+    python scripts/serve_bench.py [--clients 1,4,16,64] [--threads 1,all] [--max-tokens 64]
+                                  [--requests 4] [--repeat 3] [--greedy] [--json]
+
+Every client sends --requests completions one after another (prompt "The future of AI is",
+seed = a distinct number per request, the model's sampling defaults unless --greedy); a level's
+figures are over all its requests: tokens/s = completion tokens / wall time of the level, latency
+= each request's wall time (p50, p99); the levels run in turn --repeat times and the medians are
+reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, threads: int, parallel: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gpts_edge.cli", "serve", "--port", str(port)]
+    cmd += ["--threads", str(threads), "--parallel", str(parallel), "--max-queue", "1024"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def one_request(port: int, body: dict) -> tuple[float, int]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    elapsed = time.perf_counter() - start
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"request failed: {resp.status} {data}")
+    return elapsed, data["usage"]["completion_tokens"]
+
+
+def health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/health")
+    data = json.loads(conn.getresponse().read())
+    conn.close()
+    return data
+
+
+def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: bool) -> dict:
+    def client(c: int) -> list[tuple[float, int]]:
+        out = []
+        for r in range(requests):
+            body = {"prompt": "The future of AI is", "max_tokens": max_tokens, "seed": 7919 * c + r}
+            if greedy:
+                body["temperature"] = 0
+            out.append(one_request(port, body))
+        return out
+
+    one_request(port, {"prompt": "warm up", "max_tokens": 4})
+    before = health(port)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [x for xs in pool.map(client, range(clients)) for x in xs]
+    wall = time.perf_counter() - start
+    after = health(port)
+    d = {k: after[k] - before[k] for k in ("steps", "tokens", "decode_us", "sample_us", "deliver_us")}
+    lat = np.array([r[0] for r in results]) * 1000
+    tokens = sum(r[1] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        # The scheduler thread's share of the wall time: model steps, sampling, handing tokens over.
+        "mean_batch": d["tokens"] / max(d["steps"], 1),
+        "model_pct": d["decode_us"] / 1e4 / wall,
+        "sample_pct": d["sample_us"] / 1e4 / wall,
+        "deliver_pct": d["deliver_us"] / 1e4 / wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--threads", default="1,all", help="comma list; 'all' = every core")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--greedy", action="store_true", help="temperature 0 (the sampler's cheapest path)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians reported")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    report = {
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": os.getloadavg(),
+        "settings": vars(args),
+        "runs": [],
+    }
+    for t in args.threads.split(","):
+        threads = (os.cpu_count() or 1) if t == "all" else int(t)
+        port = free_port()
+        proc = start_server(port, threads, parallel=max(levels))
+        runs: dict[int, list[dict]] = {c: [] for c in levels}
+        try:
+            # Levels in turn, --repeat rounds, so a change in the machine's load hits every level.
+            for _ in range(args.repeat):
+                for clients in levels:
+                    runs[clients].append(
+                        run_level(port, clients, args.requests, args.max_tokens, args.greedy)
+                    )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+        for clients in levels:
+            rows = runs[clients]
+            row = {"threads": threads, "clients": clients}
+            row.update({k: float(np.median([r[k] for r in rows])) for k in rows[0] if k != "clients"})
+            row["tok_s_each_round"] = [round(r["tok_s"]) for r in rows]
+            report["runs"].append(row)
+            if not args.json:
+                print(
+                    f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
+                    f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                    f"(median of {args.repeat}: {row['tok_s_each_round']}; batch {row['mean_batch']:.1f}, "
+                    f"model {row['model_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, "
+                    f"hand-over {row['deliver_pct']:.0f}% of wall)",
+                    flush=True,
+                )
+    report["load_avg_end"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
