@@ -61,7 +61,11 @@ def main() -> None:
         rows = {}
         for name, val in sources.items():
             nll, n, b = score(rt, _windows(val, rt.config.context_length, args.windows))
-            rows[name] = {"nats_per_token": round(nll / n, 4), "bits_per_byte": round(nll / math.log(2) / b, 4), "tokens": n}
+            rows[name] = {
+                "nats_per_token": round(nll / n, 4),
+                "bits_per_byte": round(nll / math.log(2) / b, 4),
+                "tokens": n,
+            }
         out[model] = rows
     print(json.dumps(out, indent=1))
 
