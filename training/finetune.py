@@ -62,9 +62,9 @@ class InitModel:
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
-    """Our checkpoints' config.json loads as a ModelConfig; a transformers folder's (auto_map,
-    use_cache, ...) does not and goes through the HF importer instead."""
-    if not (path / CONFIG_FILE).is_file():
+    """A transformers folder (it has tokenizer_config.json, or a config.json that is not ours)
+    goes through the HF importer, which also takes fp16/bf16 weights and checks the tied head."""
+    if not (path / CONFIG_FILE).is_file() or (path / "tokenizer_config.json").is_file():
         return False
     try:
         ModelConfig.load(path / CONFIG_FILE)
