@@ -25,13 +25,14 @@ from gpts_edge.tokenizer import tokenizer_hash
 
 # Sized for a laptop CPU: a micro-batch of 16 x 384 trains in about 1 GB RSS. The peak LR is a
 # tenth of pretraining's 3.5e-3 (measured: the README's fine-tune example); the schedule warms up
-# briefly then decays linearly to zero (decay_start_frac 0). eval_every 0 means "about ten
-# evaluations per run", worked out once the number of steps is known.
+# briefly then decays linearly to zero (decay_start_frac 0). warmup 0 and eval_every 0 mean
+# "sized to the run" (at most 10 warmup steps, about ten evaluations), worked out by the trainer
+# once the number of steps is known.
 FINETUNE_TRAINING: dict[str, Any] = {
     "batch_size": 16,
     "grad_accum": 1,
     "lr": 3.5e-4,
-    "warmup": 10,
+    "warmup": 0,
     "decay_start_frac": 0.0,
     "epochs": 3.0,
     "val_fraction": 0.05,

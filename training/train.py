@@ -236,10 +236,10 @@ class Trainer:
             self.max_steps = finetune.steps_for_epochs(tc.epochs, self.sources, self.tokens_per_step)
         if tc.time_limit:  # the measured speed decides the length of the run
             self.max_steps = None
-        if self.max_steps and tc.preset == "finetune":
-            # The preset's warmup and evaluation count are for runs of any length.
-            warmup = min(tc.warmup, max(1, self.max_steps // 10))
-            every = tc.eval_every or max(1, self.max_steps // finetune.EVALS_PER_RUN)
+        if tc.preset == "finetune":  # 0 = sized to the run: warmup <= 10 % of it, ~10 evaluations
+            n = self.max_steps or 500
+            warmup = tc.warmup or min(10, max(1, n // 10))
+            every = tc.eval_every or max(1, n // finetune.EVALS_PER_RUN)
             tc = self.tc = dataclasses.replace(tc, warmup=warmup, eval_every=every)
         if tc.eval_every <= 0:
             raise GptsError(f"--eval-every: expected a positive number, found {tc.eval_every}")
