@@ -87,7 +87,7 @@ def score_ids(
     """Total NLL (nats) of ``ids`` after ``<|endoftext|>`` under ``runtime.forward_logits``."""
     context = runtime.config.context_length
     seq = np.asarray([EOT_ID, *ids], dtype=np.int64)
-    plan = list(windows(len(ids), context, stride or context))
+    plan = list(windows(len(ids), context, context if stride is None else stride))
     total = 0.0
     done = 0
     # Windows of the same length go through one forward call together.
@@ -134,6 +134,9 @@ def perplexity_report(
     """{"files": {path: scores}, "total": scores}; ``log`` gets progress lines for long files."""
     if not files:
         raise GptsError("give at least one FILE to score")
+    context = runtime.config.context_length
+    if stride is not None and not 1 <= stride <= context:
+        raise GptsError(f"--stride: expected 1..{context} (the model's context), found {stride}")
     for f in files:  # every file checked before any is scored
         read_text(f)
     scores = {}

@@ -123,6 +123,12 @@ def test_cli_json_gives_per_file_and_total(tmp_path, text_file) -> None:
     assert total["nll"] == pytest.approx(total_nll / total["tokens"])
     table = run_cli("perplexity", other, "--runtime", "torch")
     assert table.returncode == 0 and "bits/byte" in table.stdout
+    for stride in ("0", "385"):
+        bad = run_cli("perplexity", other, "--runtime", "torch", "--stride", stride)
+        assert (
+            bad.returncode == 2
+            and f"--stride: expected 1..384 (the model's context), found {stride}" in bad.stderr
+        )
 
 
 @pytest.mark.parametrize(
