@@ -150,7 +150,7 @@ def test_text_shorter_than_a_window_trains_with_a_warning_and_shows_progress(tmp
     proc = run_cli("train", "--init", "default", "--data", short, "--out", out, "--max-steps", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning: the training text has only" in proc.stdout
-    assert "training 2 steps of 16 x 1 x" in proc.stdout
+    assert "training 2 steps of 8 x 1 x" in proc.stdout
     assert "0/2" in proc.stderr and "val=" in proc.stderr  # the bar is up before the first step
     load_checkpoint(out)
 
