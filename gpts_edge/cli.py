@@ -142,7 +142,10 @@ def train(
         typer.Option(help="PATH[:WEIGHT]: text, .jsonl(.gz), dir, glob or prepared dir; repeatable."),
     ],
     out: Annotated[str, typer.Option("-o", "--output", "--out", help="Run directory.")],
-    preset: Annotated[str, typer.Option(help="gpt-s-1.4m | tiny")] = "gpt-s-1.4m",
+    preset: Annotated[
+        str | None,
+        typer.Option(help="gpt-s-1.4m | finetune | tiny (default: finetune with --init, else gpt-s-1.4m)"),
+    ] = None,
     tokens: Annotated[int | None, typer.Option(help="Total training tokens.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Total optimizer steps (sets the schedule).")] = None,
     stop_at: Annotated[
@@ -164,7 +167,20 @@ def train(
     log_every: Annotated[int | None, typer.Option()] = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.json (default: the bundled one).")] = None,
     init: Annotated[
-        str | None, typer.Option(help="Start from these weights: 'default' or a checkpoint directory.")
+        str | None,
+        typer.Option(
+            help="Fine-tune these weights: 'default', a checkpoint dir, a .gguf file or an HF folder."
+        ),
+    ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training text.")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Hold out this tail of the text for validation (finetune: 0.05).")
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="Top-level checkpoint: best (validation) | last (finetune: best).")
+    ] = None,
+    cpu_micro_batch: Annotated[
+        int | None, typer.Option(help="On CPU, run larger batches as micro-batches of this size (0: off).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
     decontaminate: Annotated[
@@ -199,6 +215,10 @@ def train(
             log_every=log_every,
             tokenizer=tokenizer,
             init=init,
+            epochs=epochs,
+            val_fraction=val_fraction,
+            keep=keep,
+            cpu_micro_batch=cpu_micro_batch,
             resume=resume,
             decontaminate=decontaminate,
             progress=progress,
@@ -392,6 +412,30 @@ def eval_(
     except GptsError as exc:
         _fail(exc)
     typer.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@app.command()
+def perplexity(
+    files: Annotated[list[str], typer.Argument(help="UTF-8 text files to score.")],
+    model: Annotated[
+        str | None, typer.Option(help="Checkpoint dir, ONNX folder/file, .ort or .gguf (default: bundled).")
+    ] = None,
+    runtime: Annotated[str, typer.Option(help="onnx | torch | gguf")] = "onnx",
+    stride: Annotated[
+        int | None, typer.Option(help="Window step in tokens (default: the context, no overlap).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON {files: {...}, total: {...}}.")] = False,
+) -> None:
+    """Mean NLL, perplexity and bits per byte of text files under a model."""
+    from gpts_edge.api import open_runtime
+    from gpts_edge.perplexity import format_report, perplexity_report
+
+    try:
+        rt = open_runtime(runtime, model)
+        report = perplexity_report(rt, files, stride, log=lambda m: typer.echo(m, err=True))
+    except GptsError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @app.command()

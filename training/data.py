@@ -153,6 +153,7 @@ def prepare_source(
     if is_prepared(out):
         return out
     tok = load_tokenizer(tokenizer_json)
+    print(f"tokenizing {spec} into {out}", flush=True)  # the first run's only slow part on big data
     # Checked before anything is written, so a missing package or network leaves no temp dir.
     documents = _hub_documents(spec, HUB_DOCUMENTS) if hub else (t for f in files for t in iter_documents(f))
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,11 @@ def load_sources(
     cache_dir: Path,
     seq_len: int,
     doc_filter: DocumentFilter | None = None,
+    check_length: bool = True,
 ) -> list[Source]:
+    """Prepared sources; ``doc_filter`` drops documents before tokenizing (decontamination);
+    ``check_length=False`` leaves the length check to the caller (a fine-tune re-splits the tokens
+    first)."""
     if not specs:
         raise GptsError("--data: give at least one training source")
     specs = expand_card_mix(specs)
@@ -240,7 +245,7 @@ def load_sources(
             )
         train = np.fromfile(prepared / "train.bin", dtype=np.uint16)
         val = np.fromfile(prepared / "val.bin", dtype=np.uint16)
-        if len(train) < seq_len + 2:
+        if check_length and len(train) < seq_len + 2:
             raise GptsError(f"--data {path}: only {len(train)} training tokens, need more than {seq_len + 1}")
         sources.append(Source(path, weight, train, val, meta.get("dropped")))
     return sources

@@ -41,6 +41,8 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
+from gpts_edge.training import finetune
+from gpts_edge.training.checkpointing import optim_from_tensors, optim_to_tensors, plot_metrics
 from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
 from gpts_edge.training.schedule import wsd_lr
 
@@ -77,7 +79,11 @@ class TrainConfig:
     keep_snapshots: int = 2
     time_limit: float | None = None  # seconds of training; sets max_steps from measured speed
     tokenizer: str | None = None
-    init: str | None = None  # start from these weights (checkpoint dir or "default"), not their optimizer
+    init: str | None = None  # start from these weights (see training/finetune.py), not their optimizer
+    epochs: float | None = None  # passes over the training text; --max-steps / --tokens take precedence
+    val_fraction: float | None = None  # hold out this tail of every source for validation
+    keep: str = "last"  # top-level checkpoint: the newest ("last") or the best validation loss ("best")
+    cpu_micro_batch: int = 16  # on CPU, larger batches run as micro-batches of this size (0: off)
     resume: bool = False
     decontaminate: str | None = None  # eval folder/file: drop documents sharing a 13-gram with it
     progress: bool = True
@@ -85,6 +91,7 @@ class TrainConfig:
 
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
     "gpt-s-1.4m": {"batch_size": 256, "grad_accum": 3, "lr": 3.5e-3, "warmup": 2000, "tokens": 6_000_000_000},
+    "finetune": finetune.FINETUNE_TRAINING,
     "tiny": {
         "batch_size": 8,
         "grad_accum": 1,
@@ -99,7 +106,11 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(preset: str, **overrides: Any) -> TrainConfig:
+def preset_config(preset: str | None, **overrides: Any) -> TrainConfig:
+    """A preset's numbers with the given overrides; no preset means ``finetune`` with --init and
+    ``gpt-s-1.4m`` without."""
+    if preset is None:
+        preset = "finetune" if overrides.get("init") else "gpt-s-1.4m"
     if preset not in PRESET_TRAINING:
         raise GptsError(f"--preset: unknown preset {preset!r}; choose from {sorted(PRESET_TRAINING)}")
     values = {**PRESET_TRAINING[preset], **{k: v for k, v in overrides.items() if v is not None}}
@@ -137,33 +148,6 @@ def _snapshots(out: Path) -> list[Path]:
     )
 
 
-def _optim_to_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for name, p in zip(names, params, strict=True):
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in st:
-                tensors[f"{name}.{key}"] = st[key].detach().cpu().contiguous()
-        if "step" in st:
-            tensors[f"{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
-    return tensors
-
-
-def _optim_from_tensors(
-    opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]
-) -> None:
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for name, p in zip(names, params, strict=True):
-        if f"{name}.exp_avg" not in tensors:
-            continue
-        opt.state[p] = {
-            "step": tensors[f"{name}.step"].reshape(()).clone(),
-            "exp_avg": tensors[f"{name}.exp_avg"].to(p.device).clone(),
-            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device).clone(),
-        }
-
-
 # --- the trainer ------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, tc: TrainConfig, model_cfg: ModelConfig | None = None) -> None:
@@ -181,27 +165,68 @@ class Trainer:
         if dtype not in ("bf16", "fp32"):
             raise GptsError(f"--dtype: expected auto, bf16 or fp32, found {tc.dtype!r}")
         self.autocast = dtype == "bf16"
+        if tc.keep not in ("best", "last"):
+            raise GptsError(f"--keep: expected best or last, found {tc.keep!r}")
+        if self.device.type == "cpu":
+            micro, accum = finetune.cpu_micro_batch(tc.batch_size, tc.grad_accum, tc.cpu_micro_batch)
+            if micro != tc.batch_size:
+                self._say(
+                    f"cpu: batch {tc.batch_size} x {tc.grad_accum} runs as micro-batches of {micro} x {accum} "
+                    f"accumulation steps (same sequences per step, memory a laptop has; "
+                    f"--cpu-micro-batch 0 keeps {tc.batch_size})"
+                )
+                tc = self.tc = dataclasses.replace(tc, batch_size=micro, grad_accum=accum)
         self.out = Path(tc.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer_json = Path(tc.tokenizer) if tc.tokenizer else default_model_dir() / TOKENIZER_FILE
+        self.init = finetune.resolve_init(tc.init, self.out) if tc.init else None
+        self.generation: dict[str, Any] | None = None
+        if self.init is not None:
+            finetune.check_init_conflicts(self.init, tc.preset, tc.tokenizer)
+            model_cfg = self.init.config
+            self.tokenizer_json = self.init.tokenizer_json
+            self.generation = self.init.checkpoint.generation
+        elif tc.preset not in PRESETS and model_cfg is None:
+            raise GptsError(f"--preset {tc.preset}: needs --init MODEL (the model to fine-tune)")
         self.cfg = model_cfg or PRESETS[tc.preset]
         self.seq_len = tc.seq_len or self.cfg.context_length
         if self.seq_len > self.cfg.context_length:
             raise GptsError(f"--seq-len {self.seq_len} exceeds the model context {self.cfg.context_length}")
+        if not tc.max_steps and not tc.tokens and not tc.time_limit and not tc.epochs:
+            raise GptsError("give --max-steps, --tokens, --epochs or --time-limit")
+
+        cache = self.out / "data-cache"
+        doc_filter, eval_summary = self._decontamination_filter() if tc.decontaminate else (None, None)
+        if tc.val_fraction is not None:
+            self.sources, self.seq_len, val = finetune.user_text_sources(
+                tc.data,
+                self.tokenizer_json,
+                cache,
+                self.seq_len,
+                tc.val_fraction,
+                tc.eval_windows,
+                self._say,
+                doc_filter=doc_filter,
+            )
+        else:
+            self.sources = load_sources(tc.data, self.tokenizer_json, cache, self.seq_len, doc_filter)
+            val = validation_windows(self.sources, self.seq_len, tc.eval_windows)
+        self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
+        self.val = torch.from_numpy(val)
+        self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * self.seq_len * self.world
         self.max_steps = tc.max_steps or (math.ceil(tc.tokens / self.tokens_per_step) if tc.tokens else None)
+        if not self.max_steps and tc.epochs:
+            self.max_steps = finetune.steps_for_epochs(tc.epochs, self.sources, self.tokens_per_step)
         if tc.time_limit:  # the measured speed decides the length of the run
             self.max_steps = None
-        if not self.max_steps and not tc.time_limit:
-            raise GptsError("give --max-steps, --tokens or --time-limit")
-
-        doc_filter, eval_summary = self._decontamination_filter() if tc.decontaminate else (None, None)
-        self.sources = load_sources(
-            tc.data, self.tokenizer_json, self.out / "data-cache", self.seq_len, doc_filter
-        )
-        self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
-        self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
-        self.val = torch.from_numpy(validation_windows(self.sources, self.seq_len, tc.eval_windows))
+        if tc.preset == "finetune":  # 0 = sized to the run: warmup <= 10 % of it, ~10 evaluations
+            n = self.max_steps or 500
+            warmup = tc.warmup or min(10, max(1, n // 10))
+            every = tc.eval_every or max(1, n // finetune.EVALS_PER_RUN)
+            tc = self.tc = dataclasses.replace(tc, warmup=warmup, eval_every=every)
+        if tc.eval_every <= 0:
+            raise GptsError(f"--eval-every: expected a positive number, found {tc.eval_every}")
 
         torch.manual_seed(tc.seed)
         self.model = GPTS(self.cfg).init_weights(tc.seed).to(self.device)
@@ -221,8 +246,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
-        if tc.init and not tc.resume:
-            self._init_from(tc.init)
+        self.best: dict[str, Any] | None = None  # {"step", "val_loss"} of the kept checkpoint (--keep best)
+        if self.init is not None and not tc.resume:
+            self.model.load_state_dict(weights_to_state(self.init.checkpoint.weights))
+            self.model.to(self.device)
         if tc.resume:
             self._resume()
         elif _snapshots(self.out):
@@ -269,18 +296,11 @@ class Trainer:
                 print(f"decontamination against {self.tc.decontaminate}: {s.name}: {msg}", flush=True)
         return report
 
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
     # -- state --
-    def _init_from(self, init: str) -> None:
-        from gpts_edge.checkpoint import load_weights
-
-        src = default_model_dir() if init == "default" else Path(init)
-        saved_cfg = ModelConfig.load(src / CONFIG_FILE)
-        if saved_cfg != self.cfg:
-            raise GptsError(f"--init {init}: its config differs from --preset {self.tc.preset}")
-        weights = load_weights(src / WEIGHTS_FILE, self.cfg)
-        self.model.load_state_dict(weights_to_state(weights))
-        self.model.to(self.device)
-
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
@@ -304,11 +324,12 @@ class Trainer:
         weights = load_weights(snap / WEIGHTS_FILE, self.cfg)
         self.model.load_state_dict(weights_to_state(weights))
         self.model.to(self.device)
-        _optim_from_tensors(self.opt, self.param_names, load_file(str(snap / OPTIM_FILE)))
+        optim_from_tensors(self.opt, self.param_names, load_file(str(snap / OPTIM_FILE)))
         self.sampler.set_state(state["sampler"][self.rank])
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.best = state.get("best")
         if not self.tc.max_steps and not self.tc.tokens and not self.tc.time_limit:
             self.max_steps = state["max_steps"]
         if self.rank == 0:
@@ -336,11 +357,11 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         try:
             weights = state_to_weights(self.model)
-            save_checkpoint(tmp / "ckpt", self.cfg, weights, self.tokenizer_json)
+            save_checkpoint(tmp / "ckpt", self.cfg, weights, self.tokenizer_json, self.generation)
             for f in (tmp / "ckpt").iterdir():
                 os.replace(f, tmp / f.name)
             (tmp / "ckpt").rmdir()
-            save_file(_optim_to_tensors(self.opt, self.param_names), str(tmp / OPTIM_FILE))
+            save_file(optim_to_tensors(self.opt, self.param_names), str(tmp / OPTIM_FILE))
             state = {
                 "step": self.step,
                 "tokens": self.tokens_seen,
@@ -349,6 +370,7 @@ class Trainer:
                 "sampler": samplers,
                 "train_seconds": self.train_seconds,
                 "decontamination": self.decontamination,
+                "best": self.best,
                 "train_config": {k: v for k, v in dataclasses.asdict(self.tc).items() if k != "resume"},
             }
             # Written last: a snapshot without it is ignored by --resume.
@@ -357,19 +379,36 @@ class Trainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # The top level mirrors the newest snapshot; each file is replaced atomically and only
-        # model.safetensors changes during a run, so the top level is always a whole checkpoint.
-        # config.json goes last: until it exists the top level is not a checkpoint at all.
-        for name in (TOKENIZER_FILE, GENERATION_FILE, WEIGHTS_FILE, CONFIG_FILE):
-            tmpf = self.out / f".{name}.tmp"
-            shutil.copyfile(final / name, tmpf)
-            os.replace(tmpf, self.out / name)
+        if self.tc.keep == "last":
+            self._mirror(final)
         for old in _snapshots(self.out)[: -self.tc.keep_snapshots]:
             # Renamed out of sight first: a kill during rmtree must not leave a half-deleted
             # snapshot that still looks like one.
             doomed = old.with_name(f".tmp-delete-{old.name}")
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+    def _mirror(self, src: Path) -> None:
+        # The top level is a copy of a checkpoint; each file is replaced atomically and only
+        # model.safetensors changes during a run, so the top level is always a whole checkpoint.
+        # config.json goes last: until it exists the top level is not a checkpoint at all.
+        for name in (TOKENIZER_FILE, GENERATION_FILE, WEIGHTS_FILE, CONFIG_FILE):
+            tmpf = self.out / f".{name}.tmp"
+            shutil.copyfile(src / name, tmpf)
+            os.replace(tmpf, self.out / name)
+
+    def _keep_if_best(self, val_loss: float) -> None:
+        """--keep best: the top level holds the weights with the lowest validation loss so far."""
+        if self.tc.keep != "best" or self.rank != 0:
+            return
+        if self.best is not None and val_loss >= self.best["val_loss"]:
+            return
+        self.best = {"step": self.step, "val_loss": val_loss}
+        with tempfile.TemporaryDirectory(prefix=".best-", dir=self.out) as d:
+            save_checkpoint(
+                Path(d) / "ckpt", self.cfg, state_to_weights(self.model), self.tokenizer_json, self.generation
+            )
+            self._mirror(Path(d) / "ckpt")
 
     # -- steps --
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -404,6 +443,33 @@ class Trainer:
         last: dict[str, Any] = {}
         self.model.train()
         start_step = self.step
+        post: dict[str, str] = {}
+        if self.rank == 0:
+            steps = f"{self.max_steps:,} steps" if self.max_steps else "steps set by --time-limit"
+            print(
+                f"training {steps} of {tc.batch_size} x {tc.grad_accum} x {self.seq_len} tokens "
+                f"({self.tokens_per_step:,}/step) on {self.device.type}; "
+                f"{sum(len(s.train) for s in self.sources):,} training tokens, "
+                f"{self.val.numel():,} validation tokens",
+                flush=True,
+            )
+            if tc.progress:
+                from tqdm import tqdm
+
+                # Shown before the first step so a slow step on a CPU is visibly under way.
+                bar = tqdm(
+                    total=self.max_steps, initial=self.step, unit="step", mininterval=1.0, dynamic_ncols=True
+                )
+        if self.step == 0 and (self.init is not None or tc.keep == "best"):
+            # The starting point's validation loss: the "before" of a fine-tune.
+            val0 = round(self.evaluate(), 6)
+            self._keep_if_best(val0)
+            post["val"] = f"{val0:.3f}"
+            if log is not None:
+                log.write(json.dumps({"step": 0, "tokens": 0, "val_loss": val0}) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix(post)
         nxt = self._next_batch()
         try:
             while self.max_steps is None or self.step < self.max_steps:
@@ -430,6 +496,8 @@ class Trainer:
                         nxt = self._next_batch()
                         loss.backward()
                     loss_sum += loss.detach()
+                    if bar is not None and tc.grad_accum > 1:
+                        bar.set_postfix({**post, "micro": f"{micro + 1}/{tc.grad_accum}"})
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -451,11 +519,9 @@ class Trainer:
                                 f"time limit: {per_step * 1000:.1f} ms/step -> max_steps {self.max_steps}",
                                 flush=True,
                             )
-                if self.rank == 0 and tc.progress and bar is None and self.max_steps:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=self.max_steps, initial=self.step, mininterval=2.0, dynamic_ncols=True)
                 if bar is not None:
+                    if bar.total is None and self.max_steps:
+                        bar.total = self.max_steps
                     bar.update(1)
                 if need_log:
                     if self.world > 1:
@@ -470,6 +536,8 @@ class Trainer:
                     }
                     if self.step % tc.eval_every == 0 or self.step == self.max_steps:
                         rec["val_loss"] = round(self.evaluate(), 6)
+                        self._keep_if_best(rec["val_loss"])
+                        post["val"] = f"{rec['val_loss']:.3f}"
                     last = rec
                     if log is not None:
                         log.write(json.dumps(rec) + "\n")
@@ -477,13 +545,15 @@ class Trainer:
                         if "val_loss" in rec:
                             plot_metrics(metrics_path, self.out / "loss.png")
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,}")
+                        post.update(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,}")
+                        bar.set_postfix(post)
                 if self.step % tc.ckpt_every == 0 or time.time() - last_ckpt_time > tc.ckpt_seconds:
                     self.save()
                     last_ckpt_time = time.time()
             if self.step > start_step or not _snapshots(self.out):
                 if not last or "val_loss" not in last:
                     last = {**last, "step": self.step, "val_loss": round(self.evaluate(), 6)}
+                    self._keep_if_best(last["val_loss"])
                 self.save()
         finally:
             if bar is not None:
@@ -496,6 +566,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens_seen,
             **{k: last.get(k) for k in ("loss", "val_loss")},
+            **({"best_step": self.best["step"], "best_val_loss": self.best["val_loss"]} if self.best else {}),
         }
 
 
@@ -505,37 +576,6 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def plot_metrics(metrics: Path, png: Path) -> None:
-    """Redraw the loss curve (train and validation against tokens). Written atomically."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot(
-            [r["tokens"] / 1e6 for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3
-        )
-    ax.set_xlabel("tokens (millions)")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("GPT-S training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
 
 
 def train(tc: TrainConfig, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
