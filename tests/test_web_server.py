@@ -106,12 +106,12 @@ def test_web_model_errors_are_one_clear_line(tmp_path: Path, model_dir: Path) ->
     with pytest.raises(GptsError, match="no such file or folder"):
         resolve_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GptsError, match=r"no \.onnx file in this folder"):
+    with pytest.raises(GptsError, match=r"expected a checkpoint folder .* or an exported ONNX folder"):
         resolve_model(tmp_path / "empty")
     (model_dir / "tokenizer.json").unlink()
     with pytest.raises(GptsError, match="missing tokenizer.json beside model.onnx"):
         resolve_model(model_dir)
-    with pytest.raises(GptsError, match=r"expected an exported ONNX folder, a \.onnx file"):
+    with pytest.raises(GptsError, match=r"expected a checkpoint folder, an ONNX folder, a \.onnx/\.ort file"):
         resolve_model(model_dir / "config.json")
 
 
