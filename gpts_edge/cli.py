@@ -183,6 +183,12 @@ def train(
         int | None, typer.Option(help="On CPU, run larger batches as micro-batches of this size (0: off).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
+    override_resume: Annotated[
+        str | None,
+        typer.Option(
+            help="With --resume: settings allowed to differ from the snapshot's, e.g. lr,max_steps."
+        ),
+    ] = None,
     decontaminate: Annotated[
         str | None,
         typer.Option(help="Eval folder or file: drop documents sharing a 13-gram with it before tokenizing."),
@@ -220,6 +226,7 @@ def train(
             keep=keep,
             cpu_micro_batch=cpu_micro_batch,
             resume=resume,
+            override_resume=override_resume,
             decontaminate=decontaminate,
             progress=progress,
         )

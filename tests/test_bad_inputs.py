@@ -1,6 +1,6 @@
 """Every bad input of issue #14 through the real CLI: exit code 2, exactly one `error:` line on
 stderr, no traceback. The cases that need no model load come first (fast); the rest use the
-tiny seeded checkpoint. (train's flag cases live with the trainer.)"""
+tiny seeded checkpoint."""
 
 from __future__ import annotations
 
@@ -125,6 +125,30 @@ FAST_CASES = {
         None,
         "not a previous checkpoint",
     ),
+}
+# train's flags, each checked before any data is read or any folder written.
+TRAIN = ["train", "--preset", "tiny", "--data", "corpus.txt", "-o", "run"]
+FAST_CASES |= {
+    "train_lr_negative": ([*TRAIN, "--lr", "-1"], ".", None, "--lr"),
+    "train_lr_nan": ([*TRAIN, "--lr", "nan"], ".", None, "--lr"),
+    "train_ckpt_every_zero": ([*TRAIN, "--ckpt-every", "0"], ".", None, "--ckpt-every"),
+    "train_log_every_zero": ([*TRAIN, "--log-every", "0"], ".", None, "--log-every"),
+    "train_max_steps_negative": ([*TRAIN, "--max-steps", "-5"], ".", None, "--max-steps"),
+    "train_batch_size_zero": ([*TRAIN, "--batch-size", "0"], ".", None, "--batch-size"),
+    "train_grad_accum_zero": ([*TRAIN, "--grad-accum", "0"], ".", None, "--grad-accum"),
+    "train_data_weight_inf": (
+        ["train", "--preset", "tiny", "--data", "corpus.txt:inf", "-o", "run"],
+        ".",
+        None,
+        "positive finite number",
+    ),
+    "train_output_is_a_file": (
+        ["train", "--preset", "tiny", "--data", "corpus.txt", "-o", "notes.txt"],
+        ".",
+        None,
+        "exists and is not a folder",
+    ),
+    "train_tokenizer_missing": ([*TRAIN, "--tokenizer", "nope.json"], ".", None, "--tokenizer nope.json"),
 }
 
 

@@ -495,3 +495,35 @@ def test_ddp_two_gloo_processes_train_and_write_a_checkpoint(tmp_path, tiny_text
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer (rank 0)
     assert "val_loss" in rows[-1]
+
+
+def test_resume_refuses_changed_settings_unless_named_and_trims_metrics_logged_after_the_snapshot(
+    tmp_path,
+) -> None:
+    import json
+
+    from gpts_edge.errors import GptsError
+    from gpts_edge.training.train import preset_config, train
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(6000)))
+    out = tmp_path / "run"
+    common = dict(data=[str(text)], out=str(out), max_steps=8, ckpt_every=4, log_every=1, eval_every=4)
+    train(preset_config("tiny", **common, stop_at=4, progress=False))
+    metrics = out / "metrics.jsonl"
+    # Rows a killed run logged after its last snapshot (step 4) would otherwise appear twice.
+    with metrics.open("a") as fh:
+        fh.write(json.dumps({"step": 5, "loss": 9.9, "tokens": 1}) + "\n" + '{"step": 6, "lo')
+    with pytest.raises(
+        GptsError, match=r"changed settings \(lr: saved 0\.003, now 0\.001\).*--override-resume lr"
+    ):
+        train(preset_config("tiny", **common, lr=1e-3, resume=True, progress=False))
+    with pytest.raises(GptsError, match=r"seed: saved 1337, now 7"):
+        train(preset_config("tiny", **common, seed=7, resume=True, progress=False))
+    result = train(
+        preset_config("tiny", **common, lr=1e-3, resume=True, override_resume="lr", progress=False)
+    )
+    assert result["step"] == 8
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step twice, no cut line
+    assert 9.9 not in [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]

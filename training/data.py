@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ def parse_data_spec(spec: str) -> tuple[str, float]:
             weight = float(tail)
         except ValueError:
             return spec, 1.0
-        if not weight > 0:
-            raise GptsError(f"--data {spec}: the weight must be positive, found {tail}")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise GptsError(f"--data {spec}: the weight must be a positive finite number, found {tail}")
         return head, weight
     return spec, 1.0
 

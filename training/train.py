@@ -43,6 +43,7 @@ from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
 from gpts_edge.training import finetune
 from gpts_edge.training.checkpointing import optim_from_tensors, optim_to_tensors, plot_metrics
+from gpts_edge.training.checks import check_resume, check_train_config, parse_overrides, trim_metrics
 from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
 from gpts_edge.training.schedule import wsd_lr
 
@@ -85,6 +86,7 @@ class TrainConfig:
     keep: str = "last"  # top-level checkpoint: the newest ("last") or the best validation loss ("best")
     cpu_micro_batch: int = 16  # on CPU, larger batches run as micro-batches of this size (0: off)
     resume: bool = False
+    override_resume: str | None = None  # settings allowed to differ from the resumed snapshot's
     decontaminate: str | None = None  # eval folder/file: drop documents sharing a 13-gram with it
     progress: bool = True
 
@@ -151,6 +153,8 @@ def _snapshots(out: Path) -> list[Path]:
 # --- the trainer ------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, tc: TrainConfig, model_cfg: ModelConfig | None = None) -> None:
+        check_train_config(tc)
+        self.resume_overrides = parse_overrides(tc.override_resume)
         self.tc = tc
         self.rank, self.world, local_rank = _dist_info()
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -319,6 +323,7 @@ class Trainer:
             )
         if state["world_size"] != self.world:
             raise GptsError(f"{snap}: saved with {state['world_size']} processes, resuming with {self.world}")
+        check_resume(snap, state.get("train_config", {}), dataclasses.asdict(self.tc), self.resume_overrides)
         from gpts_edge.checkpoint import load_weights
 
         weights = load_weights(snap / WEIGHTS_FILE, self.cfg)
@@ -333,7 +338,9 @@ class Trainer:
         if not self.tc.max_steps and not self.tc.tokens and not self.tc.time_limit:
             self.max_steps = state["max_steps"]
         if self.rank == 0:
-            print(f"resumed from {snap} at step {self.step} ({self.tokens_seen:,} tokens)", flush=True)
+            dropped = trim_metrics(self.out / "metrics.jsonl", self.step)
+            note = f"; dropped {dropped} metrics rows logged after it" if dropped else ""
+            print(f"resumed from {snap} at step {self.step} ({self.tokens_seen:,} tokens){note}", flush=True)
 
     def save(self) -> None:
         from safetensors.torch import save_file
@@ -371,7 +378,11 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "decontamination": self.decontamination,
                 "best": self.best,
-                "train_config": {k: v for k, v in dataclasses.asdict(self.tc).items() if k != "resume"},
+                "train_config": {
+                    k: v
+                    for k, v in dataclasses.asdict(self.tc).items()
+                    if k not in ("resume", "override_resume")
+                },
             }
             # Written last: a snapshot without it is ignored by --resume.
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
