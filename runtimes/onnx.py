@@ -163,6 +163,24 @@ class _DecodeStepper:
         return b.logits[0, 0].copy(), OnnxDecodeCache(buf, total, buf.version)
 
 
+def session_options(threads: int) -> Any:
+    """The onnxruntime settings every session of ours uses (generation, scoring, batched serving)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads == 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Lets constant folding turn int8 DequantizeLinear weights into float32 once at load instead
+    # of dequantizing them on every call (the int8 export relies on it for its speed).
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    return opts
+
+
 class OnnxRuntime:
     """The Runtime protocol of gpts_edge.generation over one onnxruntime session."""
 
@@ -178,17 +196,7 @@ class OnnxRuntime:
         threads = DEFAULT_THREADS if threads is None else int(threads)
         if threads < 1:
             raise GptsError(f"threads: expected a positive integer, found {threads}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads == 1:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Lets constant folding turn int8 DequantizeLinear weights into float32 once at load instead
-        # of dequantizing them on every call (the int8 export relies on it for its speed).
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        opts = session_options(threads)
         self._ort, self._opts = ort, opts
         self._session: Any = None
         self._session_lock = threading.Lock()

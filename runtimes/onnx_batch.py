@@ -25,7 +25,7 @@ from gpts_edge.errors import GptsError
 from gpts_edge.names import ONNX_DECODE_SEQLENS_K as SEQLENS_K  # int32 [batch] here: each row's length - 1
 from gpts_edge.names import ONNX_DECODE_TOTAL_LENGTH as TOTAL_LENGTH  # int32 scalar: the longest row's
 from gpts_edge.names import ONNX_INPUT_IDS, ONNX_LOGITS, onnx_past_names, onnx_present_names
-from gpts_edge.runtimes.onnx import OnnxRuntime
+from gpts_edge.runtimes.onnx import OnnxRuntime, session_options
 
 
 def decode_graph_path(runtime: OnnxRuntime) -> Path | None:
@@ -70,15 +70,7 @@ class BatchedDecoder:
         cfg = runtime.config
         self.config = cfg
         self.slots = slots
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if threads == 1:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        opts = session_options(threads)
         try:
             self.session = ort.InferenceSession(
                 _batch_symbolic(path), opts, providers=["CPUExecutionProvider"]
