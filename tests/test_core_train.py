@@ -378,7 +378,7 @@ def test_mixing_weights_set_the_share_of_each_source(tmp_path, data_dir, tokeniz
     assert parse_data_spec("data/x.jsonl:3") == ("data/x.jsonl", 3.0)
     assert parse_data_spec("data/x.jsonl") == ("data/x.jsonl", 1.0)
     assert parse_data_spec("data/*.txt:0.5") == ("data/*.txt", 0.5)
-    with pytest.raises(GptsError, match="weight must be positive"):
+    with pytest.raises(GptsError, match="weight must be a positive finite number"):
         parse_data_spec("data/x.jsonl:0")
     specs = [f"{data_dir / 'b.jsonl'}:1", f"{data_dir / 'c.jsonl.gz'}:3"]
     sources = load_sources(specs, tokenizer_json, tmp_path / "cache", seq_len=16)
