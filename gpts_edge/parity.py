@@ -98,7 +98,9 @@ def text_figures(
         chunk = windows[s : s + batch]
         a = ref.forward_logits(chunk).astype(np.float64)
         b = (stepped_logits(rt, chunk) if stepped else rt.forward_logits(chunk)).astype(np.float64)
-        max_diff = max(max_diff, _max_abs(a, b)) if not math.isnan(max_diff) else max_diff
+        d = _max_abs(a, b)
+        # max() would drop a NaN in second place: a NaN anywhere makes the whole figure NaN.
+        max_diff = d if math.isnan(d) or math.isnan(max_diff) else max(max_diff, d)
         la = a - a.max(-1, keepdims=True)
         la -= np.log(np.exp(la).sum(-1, keepdims=True))
         lb = b - b.max(-1, keepdims=True)

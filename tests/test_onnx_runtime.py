@@ -302,3 +302,40 @@ def test_onnxruntime_genai_runs_the_export_with_identical_greedy_tokens(
     )
     want = list(generate_ids(rt, [int(t) for t in ids], opts))
     assert got[: len(want)] == want[: len(got)] and len(got) >= 8
+
+
+def test_without_torch_the_torch_runtime_is_one_line_naming_the_extra_and_eval_runs_on_onnx(
+    exported: Path, tmp_path: Path
+) -> None:
+    env = _no_torch_env(tmp_path)
+    cli = [sys.executable, "-m", "gpts_edge.cli"]
+    res = subprocess.run(
+        [*cli, "generate", "Hi", "--runtime", "torch"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: --runtime torch needs PyTorch, which this install lacks: pip install 'gpts-edge[train]' "
+        "(or use --runtime onnx, which needs no torch)"
+    ]
+    items = tmp_path / "mc.jsonl"
+    items.write_text(json.dumps({"context": "The sky is", "choices": ["blue", "a fish"], "answer": 0}) + "\n")
+    res = subprocess.run(
+        [
+            *cli,
+            "eval",
+            "--task",
+            "mc",
+            "--data",
+            str(items),
+            "--model",
+            str(exported),
+            "--json",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["mc"]["n"] == 1
