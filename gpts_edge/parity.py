@@ -88,6 +88,11 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if np.isnan(d).any() else float(d.max())
 
 
+def _nan_max(acc: float, d: float) -> float:
+    """A running maximum that a NaN, once seen, keeps (max() drops a NaN in either place)."""
+    return float("nan") if math.isnan(acc) or math.isnan(d) else max(acc, d)
+
+
 def text_figures(
     ref: Any, rt: Any, windows: np.ndarray, batch: int = 8, *, stepped: bool = False
 ) -> dict[str, float]:
@@ -98,9 +103,7 @@ def text_figures(
         chunk = windows[s : s + batch]
         a = ref.forward_logits(chunk).astype(np.float64)
         b = (stepped_logits(rt, chunk) if stepped else rt.forward_logits(chunk)).astype(np.float64)
-        d = _max_abs(a, b)
-        # max() would drop a NaN in second place: a NaN anywhere makes the whole figure NaN.
-        max_diff = d if math.isnan(d) or math.isnan(max_diff) else max(max_diff, d)
+        max_diff = _nan_max(max_diff, _max_abs(a, b))
         la = a - a.max(-1, keepdims=True)
         la -= np.log(np.exp(la).sum(-1, keepdims=True))
         lb = b - b.max(-1, keepdims=True)
@@ -128,8 +131,7 @@ def fp32_rows(ref: Any, rt: Any, text_ids: np.ndarray) -> tuple[list[dict[str, A
         for t in ids[prefill:]:
             lo, co = rt.step(np.array([t]), co)
             lt, ct = ref.step(np.array([t]), ct)
-            d = _max_abs(lo, lt)
-            worst = d if math.isnan(d) or math.isnan(worst) else max(worst, d)
+            worst = _nan_max(worst, _max_abs(lo, lt))
         return worst
 
     prefill = min(64, ctx // 2)

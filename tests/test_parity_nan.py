@@ -15,13 +15,17 @@ VOCAB = 16
 class _Fake:
     """A Runtime whose logits are a fixed function of the tokens; ``nan`` poisons every output."""
 
-    def __init__(self, nan: bool) -> None:
+    def __init__(self, nan: bool, nan_calls: int | None = None) -> None:
         self.config = SimpleNamespace(vocab_size=VOCAB, context_length=64)
         self.nan = nan
+        self.nan_calls = nan_calls  # poison only the first N calls (None: every call)
 
     def _logits(self, ids: np.ndarray) -> np.ndarray:
         out = np.sin(np.arange(VOCAB)[None, :] * (ids[..., None] + 1.0)).astype(np.float32)
-        return np.full_like(out, np.nan) if self.nan else out
+        poison = self.nan and (self.nan_calls is None or self.nan_calls > 0)
+        if self.nan_calls:
+            self.nan_calls -= 1
+        return np.full_like(out, np.nan) if poison else out
 
     def new_cache(self) -> list[int]:
         return []
@@ -52,3 +56,10 @@ def test_identical_runtimes_pass_the_same_checks() -> None:
     figs = text_figures(ref, _Fake(nan=False), windows)
     assert figs["max_abs_diff"] == 0.0 and figs["top1_agreement"] == 1.0
     assert all(r["ok"] for r in _text_rows("text", figs, "onnx", "none"))
+
+
+def test_a_nan_in_the_first_chunk_is_not_forgotten_by_later_clean_chunks() -> None:
+    windows = np.arange(10 * 64).reshape(10, 64) % VOCAB  # two chunks of text_figures' batch of 8
+    figs = text_figures(_Fake(nan=False), _Fake(nan=True, nan_calls=1), windows)
+    assert math.isnan(figs["max_abs_diff"])
+    assert not _text_rows("text", figs, "onnx", "none")[0]["ok"]
