@@ -14,8 +14,8 @@ ONNX). This module sits above ``runtimes/`` and ``export/``; neither of those im
 
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import check_readable
+from gpts_edge.fileio import check_readable, hash_file
 from gpts_edge.generation import Runtime, TextModel
 
 RUNTIMES = ("torch", "onnx", "gguf")
@@ -63,14 +63,10 @@ def model_kind(model: str | Path | None) -> str:
     )
 
 
-def default_runtime(model: str | Path | None) -> str:
-    return "gguf" if model_kind(model) == "gguf" else "onnx"
-
-
 def open_runtime(name: str | None, model: str | Path | None = None, **kwargs: Any) -> Runtime:
     """The Runtime for ``model`` on runtime ``name`` (None: chosen from the path)."""
     kind = model_kind(model)
-    name = name or default_runtime(model)
+    name = name or ("gguf" if kind == "gguf" else "onnx")
     if name not in RUNTIMES:
         raise GptsError(f"--runtime: unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
     if name == "torch":
@@ -117,16 +113,12 @@ def cache_root() -> Path:
 
 def checkpoint_hash(ckpt_dir: Path) -> str:
     """Identity of a checkpoint: its weights and the sidecars that travel into an export."""
-    h = hashlib.sha256()
-    try:
-        with open(ckpt_dir / WEIGHTS_FILE, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE):
-            p = ckpt_dir / name
-            h.update(p.read_bytes() if p.is_file() else b"")
-    except OSError as exc:
-        raise GptsError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+    h = hash_file(ckpt_dir / WEIGHTS_FILE)
+    for name in (CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE):
+        p = ckpt_dir / name
+        # A missing sidecar hashes as empty (the export writes defaults for it).
+        if p.is_file():
+            hash_file(p, h)
     return h.hexdigest()[:16]
 
 
@@ -157,13 +149,16 @@ def cached_export(model: str | Path | None = None, *, quantize: str = "none") ->
     return export_to_folder(ckpt_dir, folder, quantize=quantize, log=lambda _m: None)
 
 
-def resolve_onnx(model: str | Path | None) -> Path:
-    """The ONNX graph file for ``model`` (a cached export for a checkpoint or None)."""
+def resolve_onnx(model: str | Path | None, log: Callable[[str], None] | None = None) -> Path:
+    """The ONNX graph file for ``model`` (a cached export for a checkpoint or None, said to
+    ``log`` when given)."""
     from gpts_edge.runtimes.onnx import find_model_file
 
     kind = model_kind(model)
     if kind == "gguf":
         raise GptsError(f"{model}: a GGUF file; expected an ONNX folder, a .onnx file or a checkpoint")
     if kind == "checkpoint":
+        if log is not None:
+            log(f"using the cached ONNX export of {'the bundled model' if model is None else model}")
         return cached_export(model)
     return find_model_file(Path(model))  # type: ignore[arg-type]

@@ -12,7 +12,6 @@ is renamed into place, so a crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import atomic_dir, check_readable, read_text, require_output_dir
+from gpts_edge.fileio import atomic_dir, check_readable, hash_file, read_text, require_output_dir
 from gpts_edge.names import expected_shapes
 
 __all__ = [  # the file names are re-exported: checkpoint users read them from here
@@ -155,11 +154,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
 
 
 def weights_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_FILE, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(Path(path) / WEIGHTS_FILE).hexdigest()
 
 
 def save_checkpoint(

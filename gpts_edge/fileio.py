@@ -4,12 +4,14 @@ GGUF, HF) goes through these, and checks its output folder first with ``require_
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gpts_edge.errors import GptsError
 
@@ -81,6 +83,19 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, target)
+
+
+def hash_file(path: Path, h: Any = None) -> Any:
+    """Feed ``path`` into the hash ``h`` (default: a new sha256) in 1 MiB chunks and return it;
+    an unreadable file is one error line naming it."""
+    h = hashlib.sha256() if h is None else h
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+    return h
 
 
 def unreadable(path: Path, exc: OSError) -> GptsError:

@@ -3,7 +3,6 @@ folder, ONNX folder or .onnx file, ORT folder or .ort file, .gguf file)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import check_readable, unreadable
+from gpts_edge.fileio import check_readable, hash_file, unreadable
 
 
 def describe(model: str | Path | None = None) -> dict[str, Any]:
@@ -61,14 +60,7 @@ def _files(folder: Path) -> dict[str, int]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise unreadable(path, exc) from None
-    return h.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 def _describe_onnx(path: Path) -> dict[str, Any]:

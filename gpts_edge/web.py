@@ -66,11 +66,9 @@ def browser_dir(root: Path | None = None) -> Path:
 def resolve_model(model: str | Path | None, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """(model.onnx file, folder with its sidecar files) for an exported ONNX folder or .onnx file;
     a checkpoint directory or None (the bundled model) is exported once into the user cache."""
-    from gpts_edge.api import model_kind, resolve_onnx
+    from gpts_edge.api import resolve_onnx
 
-    if model_kind(model) == "checkpoint":
-        log(f"using the cached ONNX export of {'the bundled model' if model is None else model}")
-    onnx_file = resolve_onnx(model)
+    onnx_file = resolve_onnx(model, log)
     if onnx_file.suffix != ".onnx":
         raise GptsError(f"--model {model}: the page runs a .onnx graph, found {onnx_file.name}")
     folder = onnx_file.parent
