@@ -60,9 +60,6 @@ def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prep
     from gpts_edge.checkpoint import resolve_model_dir, weights_sha256
 
     ckpt = resolve_model_dir(model)
-    key = weights_sha256(ckpt)[:16]
-    root = _cache_root() / key
-    root.mkdir(exist_ok=True)
     if runtime == "torch":
         return Prepared(runtime, str(ckpt), (ckpt / "model.safetensors").stat().st_size)
     if runtime.startswith("onnx"):
@@ -81,6 +78,11 @@ def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prep
                 f"{runtime}: the graph fails parity ({', '.join(failed)}); refusing to benchmark it"
             )
         return Prepared(runtime, str(out.parent), _onnx_bytes(out.parent))
+    if runtime not in ("gguf", "llamacpp"):
+        raise GptsError(f"--runtimes: unknown runtime {runtime!r}; choose from {', '.join(ALL_RUNTIMES)}")
+    # GGUF files are not ONNX exports: they keep their own folder, keyed by the weights.
+    root = _cache_root() / weights_sha256(ckpt)[:16]
+    root.mkdir(exist_ok=True)
     if runtime == "gguf":
         from gpts_edge.export.gguf import export_gguf
 
@@ -88,9 +90,7 @@ def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prep
         if not out.is_file():
             export_gguf(str(ckpt), out, quant="f32", log=log)
         return Prepared(runtime, str(out), out.stat().st_size)
-    if runtime == "llamacpp":
-        return _prepare_llamacpp(ckpt, root, log)
-    raise GptsError(f"--runtimes: unknown runtime {runtime!r}; choose from {', '.join(ALL_RUNTIMES)}")
+    return _prepare_llamacpp(ckpt, root, log)
 
 
 def _onnx_bytes(folder: Path) -> int:

@@ -60,9 +60,8 @@ def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
 
 def check_train_config(tc: Any) -> None:
     """Every number of a TrainConfig in range, the output and tokenizer paths usable."""
-    for name in ("batch_size", "grad_accum", "log_every", "ckpt_every", "eval_windows", "keep_snapshots"):
-        _positive_int(name.replace("_", "-"), getattr(tc, name))
-    for name in ("max_steps", "tokens", "seq_len"):
+    positive = ("batch_size", "grad_accum", "log_every", "ckpt_every", "eval_windows", "keep_snapshots")
+    for name in (*positive, "max_steps", "tokens", "seq_len"):  # the last three may be absent (None)
         _positive_int(name.replace("_", "-"), getattr(tc, name))
     # 0 means "sized to the run" for the finetune preset.
     _positive_int("warmup", tc.warmup, allow_zero=True)
