@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from gpts_edge.export.onnx_graph import (
     decode_supported,
     max_supported_opset,
 )
-from gpts_edge.fileio import atomic_file, require_output_dir
+from gpts_edge.fileio import atomic_file, require_output_dir, temp_dir_beside
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
     ONNX_INPUT_IDS,
@@ -240,7 +239,7 @@ def export_to_folder(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(folder)  # temp folders of killed exports into this cache entry
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-p{os.getpid()}-", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         export_onnx(model, tmp / MODEL_FILE, quantize=quantize, log=log, decode_graph=True, force=True)
         try:

@@ -17,11 +17,11 @@ import contextlib
 import io
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import temp_dir_beside
 from gpts_edge.outputs import FolderKind, check_output_dir, clean_stale, export_folder, onnx_files
 
 ORT_FILE = "model.ort"
@@ -119,7 +119,7 @@ def export_ort(
         raise GptsError(f"target_platform: expected arm or amd64, found {target_platform!r}")
     out = _prepare_output(output_dir, force)
     clean_stale(out)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-p{os.getpid()}-", dir=out.parent))
+    scratch = temp_dir_beside(out)
     try:
         onnx_dir = scratch / "onnx"
         ort_dir = scratch / "ort"

@@ -27,12 +27,18 @@ def require_output_dir(parent: Path) -> None:
         raise GptsError(f"{parent}: output directory is not writable")
 
 
+def temp_dir_beside(out: Path) -> Path:
+    """A new hidden folder next to ``out`` named ``.NAME.tmp-pPID-…``: the one naming that
+    outputs.clean_stale reads to remove what a killed writer left behind."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-p{os.getpid()}-", dir=out.parent))
+
+
 @contextmanager
 def atomic_dir(out: Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success its files are synced and it is
     renamed to ``out`` (replacing an old one), on any error or Ctrl-C it is removed."""
     # The process id in the name tells a later writer whether this temp folder is stale.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-p{os.getpid()}-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         # mkdtemp's 0700 would make a model folder private; honour the umask instead.
         os.chmod(tmp, umask_mode(0o777) if mode is None else mode)
