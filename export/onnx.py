@@ -4,6 +4,7 @@ export/onnx_graph.py, its quantized weights in export/onnx_quant.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -146,8 +147,11 @@ def export_onnx(
 
     ``last_logits_graph`` also writes ``<name>.last_logits.onnx``, the flavour whose ``logits`` hold
     only the last position; ``decode_graph`` also writes ``<name>.decode.onnx``, the runtime's
-    fast step flavour (``build_model(flavour="decode")``). gpts_edge.runtimes.onnx steps with the
-    decode flavour when present, else with the last-logits one, else with the full graph.
+    fast step flavour (``build_model(flavour="decode")``; ``gpts-edge export`` and the user cache
+    ask for it, this function's default does not). A flavour holds no copy of the weights it
+    shares with the full graph: it reads them from ``<name>.onnx`` (see share_weights).
+    gpts_edge.runtimes.onnx steps with the decode flavour when present, else with the last-logits
+    one, else with the full graph.
     """
     if quantize not in QUANTIZATIONS:
         raise GptsError(
@@ -172,30 +176,28 @@ def export_onnx(
     log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
     check_model(proto)
     data = proto.SerializeToString()
-    log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
     sidecars = _sidecar_files(ckpt, out.name)
     if decode_graph and not decode_supported(ckpt.config):
         log(
             f"       no decode graph: head_dim {ckpt.config.head_dim} is not a multiple of 16; last-logits graph instead"
         )
         decode_graph, last_logits_graph = False, True
+    flavours: dict[str, dict[str, Any]] = {}
     if last_logits_graph:
-        fast = build_model(
-            ckpt.config,
-            ckpt.weights,
-            quantize=quantize,
-            opset=opset,
-            last_logits_only=True,
-            hessians=hessians,
-        )
-        check_model(fast)
-        sidecars[last_logits_name(out.name)] = fast.SerializeToString()
+        flavours[last_logits_name(out.name)] = {"last_logits_only": True}
     if decode_graph:
-        dec = build_model(
-            ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians, flavour="decode"
+        flavours[decode_name(out.name)] = {"flavour": "decode"}
+    for name, kwargs in flavours.items():
+        fast = build_model(
+            ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians, **kwargs
         )
-        check_model(dec)
-        sidecars[decode_name(out.name)] = dec.SerializeToString()
+        check_model(fast)  # checked whole, before its weights become references into the full graph
+        saved = share_weights(fast, proto, data, out.name)
+        sidecars[name] = fast.SerializeToString()
+        log(
+            f"       {name}: {len(fast.graph.node)} nodes, {len(sidecars[name]):,} bytes ({saved:,} read from {out.name})"
+        )
+    log(f"[4/4] writing {out} ({len(data):,} bytes) and sidecar files")
     sidecars[out.name] = data  # last: a folder holding the graph holds its sidecars too
     try:
         if own_folder:
@@ -203,11 +205,64 @@ def export_onnx(
                 for name, content in sidecars.items():
                     (tmp / name).write_bytes(content)
         else:
+            # A flavour this export does not write must not outlive it: one left from an earlier
+            # export would be stepped with instead of this graph.
+            for name in (last_logits_name(out.name), decode_name(out.name)):
+                if name not in sidecars:
+                    (out.parent / name).unlink(missing_ok=True)
             for name, content in sidecars.items():
                 _write_atomic(out.parent / name, content)
     except OSError as exc:
         raise GptsError(f"{out.parent}: cannot write the export ({exc.strerror or exc})") from None
     return out
+
+
+# Tensors smaller than this stay inside the flavour: a reference costs about as many bytes.
+MIN_SHARED_BYTES = 128
+
+
+def share_weights(flavour: Any, full: Any, full_bytes: bytes, model_file: str) -> int:
+    """Store each weight once: every initializer of ``flavour`` that ``full`` holds too (same
+    name, type, shape and bytes) becomes ONNX external data pointing at those bytes inside
+    ``full_bytes``, the serialized full graph that is written as ``model_file`` beside it. The
+    full graph stays one self-contained file (what onnxruntime-genai, transformers.js and the
+    browser page load); the flavour records the full graph's sha256 so a reader can refuse one
+    left over from another export. Returns the bytes the flavour no longer carries."""
+    from onnx import TensorProto
+
+    from gpts_edge.names import ONNX_META_WEIGHTS_FILE, ONNX_META_WEIGHTS_SHA256
+
+    mine = {t.name: t for t in full.graph.initializer}
+    saved = 0
+    for t in flavour.graph.initializer:
+        other = mine.get(t.name)
+        if (
+            other is None
+            or len(t.raw_data) < MIN_SHARED_BYTES
+            or (t.data_type, list(t.dims), t.raw_data) != (other.data_type, list(other.dims), other.raw_data)
+        ):
+            continue
+        # Any place holding exactly these bytes serves; the first is the tensor's own raw_data
+        # (or an identical copy of it).
+        offset = full_bytes.find(t.raw_data)
+        if offset < 0:  # cannot happen for a serialized raw_data field; kept inline if it does
+            continue
+        length = len(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", model_file), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        saved += length
+    if saved:
+        meta = {
+            ONNX_META_WEIGHTS_FILE: model_file,
+            ONNX_META_WEIGHTS_SHA256: hashlib.sha256(full_bytes).hexdigest(),
+        }
+        for key, value in meta.items():
+            entry = flavour.metadata_props.add()
+            entry.key, entry.value = key, value
+    return saved
 
 
 def last_logits_name(model_file: str) -> str:

@@ -5,10 +5,13 @@ mobile packages (onnxruntime-android, onnxruntime-objc/-c) load it without the p
 the graph optimizers, and ``required_operators.config`` lists exactly the kernels the model uses,
 which is the input to onnxruntime's reduced-size build (``build.sh --include_ops_by_config``).
 
-Pipeline: the ONNX exporter writes ``model.onnx`` into a scratch folder, onnxruntime's own
-converter (``onnxruntime.tools.convert_onnx_models_to_ort``) turns it into ``model.ort``, and the
-result (plus config.json, tokenizer.json, generation_config.json) replaces the output folder in
-one rename, so a reader never sees a half-written export.
+Pipeline: the ONNX exporter writes ``model.onnx`` and its decode flavour ``model.decode.onnx``
+into a scratch folder, onnxruntime's own converter (``onnxruntime.tools.convert_onnx_models_to_ort``)
+turns each into its own ``.ort`` (``model.ort``, ``model.decode.ort``: the ORT format has no
+external data, so each carries its weights) and lists the kernels of both in one
+``required_operators.config``, and the result (plus config.json, tokenizer.json,
+generation_config.json) replaces the output folder in one rename, so a reader never sees a
+half-written export.
 """
 
 from __future__ import annotations
@@ -25,13 +28,20 @@ from gpts_edge.fileio import temp_dir_beside
 from gpts_edge.outputs import FolderKind, check_output_dir, clean_stale, export_folder, onnx_files
 
 ORT_FILE = "model.ort"
+DECODE_ORT_FILE = "model.decode.ort"  # the decode flavour, what generation steps with
+# Where the decode flavour is unsupported (head_dim not a multiple of 16) the last-logits one.
+LAST_LOGITS_ORT_FILE = "model.last_logits.ort"
 OPS_CONFIG_FILE = "required_operators.config"
-# Sidecars of the ONNX export that stay behind: the model itself, and onnxruntime-genai's config,
-# which names model.onnx (this folder has model.ort instead). Everything else (config.json,
+# Files of the ONNX export that stay behind: the graphs (converted instead), and
+# onnxruntime-genai's config, which names model.onnx. Everything else (config.json,
 # tokenizer.json, tokenizer_config.json, generation_config.json) is copied so the folder runs alone.
-LEFT_BEHIND = ("model.onnx", "genai_config.json")
+LEFT_BEHIND = tuple(sorted(n for n in onnx_files() if n.endswith(".onnx"))) + ("genai_config.json",)
 ORT_KIND = FolderKind(
-    "ORT export", ORT_FILE, frozenset({ORT_FILE, OPS_CONFIG_FILE, *onnx_files()} - set(LEFT_BEHIND))
+    "ORT export",
+    ORT_FILE,
+    frozenset(
+        {ORT_FILE, DECODE_ORT_FILE, LAST_LOGITS_ORT_FILE, OPS_CONFIG_FILE, *onnx_files()} - set(LEFT_BEHIND)
+    ),
 )
 # Mobile and Raspberry Pi targets are ARM; "arm" keeps the converter from baking x86-only
 # layouts (NCHWc) into the fixed-optimization graph. The result still runs on x86.
@@ -40,7 +50,8 @@ DEFAULT_TARGET = "arm"
 
 def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable[[str], None]) -> None:
     """Run onnxruntime's converter with the Fixed optimization style (what a plain CPU session on a
-    phone wants); its chatty stdout goes to ``log`` line by line."""
+    phone wants) on ``onnx_path``, a graph or a folder of graphs (each becomes its own .ort); its
+    chatty stdout goes to ``log`` line by line."""
     try:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     except ImportError as exc:
@@ -108,8 +119,10 @@ def export_ort(
     target_platform: str = DEFAULT_TARGET,
     log: Callable[[str], None] = print,
     force: bool = False,
+    decode_graph: bool = True,
 ) -> Path:
-    """Export ``model`` (a checkpoint folder; None: the bundled one) to ``output_dir``/model.ort.
+    """Export ``model`` (a checkpoint folder; None: the bundled one) to ``output_dir``/model.ort,
+    with the decode flavour as ``model.decode.ort`` unless ``decode_graph`` is False.
 
     ``quantize`` is passed to the ONNX exporter (none | int8 | int4). Returns the .ort path.
     """
@@ -126,13 +139,20 @@ def export_ort(
         onnx_dir.mkdir()
         ort_dir.mkdir()
         log("[ort 1/3] exporting ONNX")
-        onnx_path = export_onnx(model, onnx_dir / MODEL_FILE, quantize=quantize, log=log)
-        log(f"[ort 2/3] converting to ORT format (optimized for {target_platform})")
-        _convert(onnx_path, ort_dir, target_platform, log)
+        export_onnx(model, onnx_dir / MODEL_FILE, quantize=quantize, log=log, decode_graph=decode_graph)
+        graphs = sorted(onnx_dir.glob("*.onnx"))
+        log(f"[ort 2/3] converting {len(graphs)} graphs to ORT format (optimized for {target_platform})")
+        # The whole folder at once: the decode flavour reads its weights from model.onnx beside
+        # it, and one required_operators.config lists the kernels of both graphs.
+        _convert(onnx_dir, ort_dir, target_platform, log)
+        missing = [g.name for g in graphs if not (ort_dir / f"{g.stem}.ort").is_file()]
+        if missing:
+            raise GptsError(f"onnxruntime's converter skipped {', '.join(missing)} (see the log above)")
         # The new folder is swapped in whole: the old one (if any) moves aside first, so `out`
         # is only ever absent between two renames, never half-written.
         with export_folder(out, ORT_KIND, force=force) as final:
-            os.replace(ort_dir / ORT_FILE, final / ORT_FILE)
+            for f in sorted(ort_dir.glob("*.ort")):
+                os.replace(f, final / f.name)
             _write_ops_config(_find_ops_config(ort_dir), final / OPS_CONFIG_FILE)
             for f in sorted(onnx_dir.iterdir()):
                 if f.is_file() and f.name not in LEFT_BEHIND:

@@ -33,8 +33,9 @@ from gpts_edge.fileio import check_readable, hash_file
 from gpts_edge.generation import Runtime, TextModel
 
 RUNTIMES = ("torch", "onnx", "gguf")
-# Bumped whenever the exporter's graph changes, so cached exports of older graphs are not reused.
-CACHE_FORMAT = 3
+# Bumped whenever the exporter's graph or folder layout changes, so older cached exports are not
+# reused (4: the decode flavour reads its weights from model.onnx instead of carrying a copy).
+CACHE_FORMAT = 4
 
 
 def model_kind(model: str | Path | None) -> str:

@@ -272,6 +272,9 @@ def export(
         ),
     ] = "onnx",
     force: Annotated[bool, typer.Option(help=FORCE_HELP)] = False,
+    decode_graph: Annotated[
+        bool, typer.Option(help="onnx/ort: also write the fast step graph (model.decode.onnx / .ort).")
+    ] = True,
 ) -> None:
     """Export a checkpoint to ONNX (with KV cache), GGUF, ORT (mobile) or a Hugging Face folder."""
     from gpts_edge.formats import get_format
@@ -290,7 +293,7 @@ def export(
 
             export_transformersjs(model, output, quantize=q or "none", opset=opset, log=_log, force=force)
             return
-        extra: dict = {}
+        extra: dict = {"decode_graph": decode_graph} if format in ("onnx", "ort") else {}
         if format == "onnx":
             extra["opset"] = opset
         elif opset is not None:

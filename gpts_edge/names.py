@@ -40,6 +40,11 @@ ONNX_LOGITS = "logits"
 ONNX_DECODE_SEQLENS_K = "seqlens_k"  # int32 [1]: total length - 1 (GroupQueryAttention's convention)
 ONNX_DECODE_TOTAL_LENGTH = "total_sequence_length"  # int32 scalar: cached + new tokens
 ONNX_FLAVOURS = ("compatible", "decode")
+# A flavour that stores no weights of its own reads them from the full graph's file (ONNX external
+# data pointing into model.onnx); these metadata keys name that file and its sha256, so a reader
+# can tell a flavour left over from another export (whose offsets would read the wrong bytes).
+ONNX_META_WEIGHTS_FILE = "gpts.weights_file"
+ONNX_META_WEIGHTS_SHA256 = "gpts.weights_sha256"
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

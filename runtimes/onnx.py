@@ -10,6 +10,7 @@ the project's shared sampler (gpts_edge.sampling), so every runtime draws the sa
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,15 @@ from gpts_edge.constants import (
 )
 from gpts_edge.constants import ONNX_MODEL_FILE as MODEL_FILE
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import hash_file
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
     ONNX_DECODE_SEQLENS_K,
     ONNX_DECODE_TOTAL_LENGTH,
     ONNX_INPUT_IDS,
     ONNX_LOGITS,
+    ONNX_META_WEIGHTS_FILE,
+    ONNX_META_WEIGHTS_SHA256,
     ONNX_POSITION_IDS,
     onnx_io_names,
     onnx_past_names,
@@ -70,6 +74,74 @@ def find_model_file(path: Path) -> Path:
     if not found:
         raise GptsError(f"{path}: no .onnx file in this folder (expected {MODEL_FILE})")
     raise GptsError(f"{path}: several .onnx files ({', '.join(p.name for p in found)}); pass one of them")
+
+
+def flavour_path(model_path: Path, suffix: str) -> Path:
+    """A graph flavour beside ``model_path``: model.onnx -> model.decode.onnx for ``DECODE_SUFFIX``,
+    model.ort -> model.decode.ort (the ORT export converts each flavour to its own file)."""
+    return model_path.with_name(f"{model_path.stem}{suffix.removesuffix('.onnx')}{model_path.suffix}")
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return value, i
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """ModelProto.metadata_props of an ONNX file, read from the protobuf wire format (the runtime
+    has no onnx package): top-level fields are skipped by length, so the graph is never parsed.
+    An unreadable or malformed file gives {} (onnxruntime then reports it when opening)."""
+    try:
+        buf = path.read_bytes()
+        meta: dict[str, str] = {}
+        i = 0
+        while i < len(buf):
+            tag, i = _varint(buf, i)
+            wire = tag & 7
+            if wire == 0:
+                _, i = _varint(buf, i)
+                continue
+            if wire != 2:  # ModelProto has only varint and length-delimited fields
+                return {}
+            n, i = _varint(buf, i)
+            if tag >> 3 == 14:  # metadata_props: StringStringEntryProto {1: key, 2: value}
+                entry, j, kv = buf[i : i + n], 0, {}
+                while j < len(entry):
+                    t, j = _varint(entry, j)
+                    m, j = _varint(entry, j)
+                    kv[t >> 3] = entry[j : j + m].decode("utf-8", "replace")
+                    j += m
+                meta[kv.get(1, "")] = kv.get(2, "")
+            i += n
+        return meta
+    except (OSError, ValueError):
+        return {}
+
+
+def stale_flavour(path: Path) -> str | None:
+    """Why the flavour graph at ``path`` must not be used, or None. A flavour written by
+    ``export_onnx`` reads its weights from the full graph's file at recorded offsets; if that file
+    is not the one it was exported with (a later export, a kill between two files, an edited
+    model.onnx), those offsets would read other bytes, so it is skipped."""
+    if path.suffix != ".onnx":
+        return None  # ORT-format flavours carry their own weights
+    meta = onnx_metadata(path)
+    want = meta.get(ONNX_META_WEIGHTS_SHA256)
+    if want is None:
+        return None  # self-contained (older exports)
+    source = path.with_name(meta.get(ONNX_META_WEIGHTS_FILE, ""))
+    if not source.is_file() or source.parent != path.parent:
+        return f"the {source.name or '?'} it reads its weights from is missing"
+    if hash_file(source).hexdigest() != want:
+        return f"it was exported with another {source.name}"
+    return None
 
 
 @dataclass
@@ -201,23 +273,35 @@ class OnnxRuntime:
         self._session: Any = None
         self._session_lock = threading.Lock()
         cfg = self.config
-        decode = self.model_path.with_name(f"{self.model_path.stem}{DECODE_SUFFIX}")
+        decode = flavour_path(self.model_path, DECODE_SUFFIX)
+        fast = flavour_path(self.model_path, LAST_LOGITS_SUFFIX)
         self._decoder: _DecodeStepper | None = None
-        if decode.is_file():
+        decode, fast = self._usable(decode), self._usable(fast)
+        self.step_path = decode or fast or self.model_path  # the graph generation steps with
+        if decode is not None:
             # The full graph is then needed only for forward_logits (scoring): opened on first use,
             # which keeps cold start and memory to one session for generation.
             self.step_session = self._open(ort, decode, opts)
             self._check_decode_io(self.step_session, decode)
             self._decoder = _DecodeStepper(self.step_session, cfg)
-        else:
+        elif fast is not None:
             # The last-logits flavour (same I/O as the full graph), when the export wrote one.
-            fast = self.model_path.with_name(f"{self.model_path.stem}{LAST_LOGITS_SUFFIX}")
+            self.step_session = self._open(ort, fast, opts)
+            self._check_io(self.step_session, fast)
+        else:
             self.step_session = self.session
-            if fast.is_file():
-                self.step_session = self._open(ort, fast, opts)
-                self._check_io(self.step_session, fast)
         self._input_names, self._output_names = onnx_io_names(cfg)
         self._empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+
+    def _usable(self, path: Path) -> Path | None:
+        """``path`` when that flavour exists and belongs to this export's model file."""
+        if not path.is_file():
+            return None
+        why = stale_flavour(path)
+        if why is not None:
+            print(f"note: {path}: not used ({why}); stepping with {self.model_path.name}", file=sys.stderr)
+            return None
+        return path
 
     @property
     def session(self) -> Any:
