@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import platform
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,10 +51,10 @@ ORT_KIND = FolderKind(
 DEFAULT_TARGET = "arm"
 
 
-def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable[[str], None]) -> None:
-    """Run onnxruntime's converter with the Fixed optimization style (what a plain CPU session on a
-    phone wants) on ``onnx_path``, a graph or a folder of graphs (each becomes its own .ort); its
-    chatty stdout goes to ``log`` line by line."""
+def _convert_here(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable[[str], None]) -> None:
+    """Run onnxruntime's converter in this process with the Fixed optimization style (what a plain
+    CPU session on a phone wants) on ``onnx_path``, a graph or a folder of graphs (each becomes its
+    own .ort); its chatty stdout goes to ``log`` line by line."""
     try:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     except ImportError as exc:
@@ -74,9 +77,81 @@ def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable
         for line in buf.getvalue().splitlines():
             if line.strip():
                 log(f"  ort: {line.strip()}")
+
+
+# The converter run in a child process with address-space randomization off. onnxruntime's hash
+# maps are seeded by an address inside its library (abseil), so the order in which the converter
+# serializes some tables, hence the .ort bytes (not what they compute), changes from one process to
+# the next; with the library at a fixed address the same install writes the same bytes.
+_CHILD = """
+import sys
+from pathlib import Path
+import onnxruntime
+from gpts_edge.errors import GptsError
+from gpts_edge.export.ort import _convert_here
+
+class _OneThread(onnxruntime.SessionOptions):  # no thread pool: one allocation order
+    def __init__(self):
+        super().__init__()
+        self.intra_op_num_threads = 1
+        self.inter_op_num_threads = 1
+
+onnxruntime.SessionOptions = _OneThread  # the converter makes its own session options
+try:
+    _convert_here(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], print)
+except GptsError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _fixed_layout_prefix() -> list[str] | None:
+    """``setarch ARCH -R`` where it works (Linux with util-linux, personality not blocked)."""
+    setarch = shutil.which("setarch")
+    if setarch is None or sys.platform != "linux":
+        return None
+    cmd = [setarch, platform.machine(), "-R"]
+    try:
+        ok = subprocess.run([*cmd, "true"], capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return cmd if ok else None
+
+
+def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable[[str], None]) -> bool:
+    """Convert (see _convert_here); in a child process with a fixed address layout when the system
+    allows it. Returns whether it did (the .ort bytes are then reproducible)."""
+    prefix = _fixed_layout_prefix()
+    if prefix is None:
+        log("  ort: address randomization cannot be turned off here; .ort bytes may differ between exports")
+        _convert_here(onnx_path, out_dir, target_platform, log)
+    else:
+        # The same arguments and environment every time (relative paths from the scratch folder,
+        # no caller's variables, fixed str hashing): heap layout, hence pointer-keyed tables, too.
+        cwd = out_dir.parent
+        paths = [os.path.relpath(onnx_path, cwd), os.path.relpath(out_dir, cwd)]
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "LC_ALL": "C"}
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.pathsep.join(
+                os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep)
+            )
+        args = [*prefix, sys.executable, "-c", _CHILD, *paths, target_platform]
+        proc = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd, env=env)
+        for line in proc.stdout.splitlines():
+            if line.strip():
+                log(line.rstrip())
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            raise GptsError(
+                errors[-1][len("error: ") :]
+                if errors
+                else f"{onnx_path}: ORT conversion failed ({last[:200]})"
+            )
     # The converter reports failures by printing and skipping the model, so check the outputs.
     if not (out_dir / ORT_FILE).is_file():
         raise GptsError(f"{onnx_path}: onnxruntime's converter wrote no {ORT_FILE} (see the log above)")
+    return prefix is not None
 
 
 def _find_ops_config(out_dir: Path) -> Path:

@@ -152,3 +152,60 @@ def test_user_cache_export_shares_the_weights_too(
     dec = path.with_name("model.decode.onnx")
     assert inline_bytes(dec) < 1_000 and dec.stat().st_size < 40_000
     assert OnnxRuntime(path.parent).step_path == dec
+
+
+def samples_loop(path: Path, cfg, prompt: list[int], n: int) -> list[int]:
+    """The Kotlin/Swift samples' GptsOrtModel loop over plain onnxruntime, without IO binding:
+    zero buffers of the full context as the empty cache, present.* fed back as past_key_values.*,
+    seqlens_k / total_sequence_length for the decode graph, greedy."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert "seqlens_k" in {i.name for i in sess.get_inputs()}
+    shape = (1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
+    names = [f"past_key_values.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
+    past = {k: np.zeros(shape, np.float32) for k in names}
+    out_names = [o.name for o in sess.get_outputs()]
+    length, feed, new = 0, prompt, []
+    for _ in range(n):
+        total = length + len(feed)
+        feeds = {
+            "input_ids": np.array([feed], np.int64),
+            "seqlens_k": np.array([total - 1], np.int32),
+            "total_sequence_length": np.array(total, np.int32),
+            **past,
+        }
+        out = dict(zip(out_names, sess.run(None, feeds), strict=True))
+        past = {k: out[k.replace("past_key_values", "present")] for k in names}
+        feed, length = [int(np.argmax(out["logits"][0, -1]))], total
+        new.append(feed[0])
+    return new
+
+
+def test_ort_export_converts_the_decode_graph_reproducibly_and_generation_uses_it(
+    ckpts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from gpts_edge.export.ort import _fixed_layout_prefix, export_ort
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    export_ort(ckpts[0], a, log=quiet)
+    assert {"model.ort", "model.decode.ort"} <= {p.name for p in a.iterdir()}
+    assert not list(a.glob("*.onnx"))  # the decode .onnx reads model.onnx, which stays behind
+    ops = (a / "required_operators.config").read_text()
+    assert "GroupQueryAttention" in ops and "Attention" in ops  # kernels of both graphs
+    rt = OnnxRuntime(a)
+    assert rt.step_path == a / "model.decode.ort" and isinstance(rt.new_cache(), OnnxDecodeCache)
+    want = greedy(TorchRuntime(ckpts[0]))
+    assert greedy(rt) == want
+    ids = rt.tokenizer.encode(PROMPT).ids
+    plain = sampling_options(
+        {}, greedy=True, max_new_tokens=20, repetition_penalty=1.0, no_repeat_ngram_size=0
+    )
+    assert samples_loop(a / "model.decode.ort", rt.config, ids, 20) == list(
+        generate_ids(TorchRuntime(ckpts[0]), ids, plain)
+    )
+    if _fixed_layout_prefix() is None:
+        pytest.skip("setarch -R is unavailable here, so the converter's bytes are not reproducible")
+    export_ort(ckpts[0], b, log=quiet)
+    for name in ("model.ort", "model.decode.ort"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

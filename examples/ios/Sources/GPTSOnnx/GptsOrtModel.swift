@@ -12,8 +12,11 @@ public struct KvCache {
     let length: Int
 }
 
-/// GPT-S over onnxruntime's Objective-C API: one session on model.ort, prefill in one run, then
-/// one run per token. Graph I/O names are those of gpts_edge/names.py.
+/// GPT-S over onnxruntime's Objective-C API: one session on model.decode.ort (the fast step graph,
+/// when the export has it) or model.ort, prefill in one run, then one run per token. Graph I/O names
+/// are those of gpts_edge/names.py. The decode graph takes seqlens_k [1] (cached + new - 1) and
+/// total_sequence_length (a scalar, cached + new) instead of attention_mask/position_ids, a
+/// fixed-size cache [1, kvHeads, context, headDim], and returns the last position's logits only.
 public final class GptsOrtModel: StepModel {
     public let contextLength: Int
     public let vocabSize: Int
@@ -23,8 +26,10 @@ public final class GptsOrtModel: StepModel {
     private let env: ORTEnv
     private let session: ORTSession
     private let outputNames: Set<String>
+    /// Whether the session runs the decode graph (model.decode.ort).
+    public let decodeGraph: Bool
 
-    /// `folder` holds model.ort and config.json (from `gpts-edge export --format ort`).
+    /// `folder` holds model.ort (and model.decode.ort) and config.json (from `gpts-edge export --format ort`).
     public init(folder: URL, threads: Int32 = 1) throws {
         let cfgData = try Data(contentsOf: folder.appendingPathComponent("config.json"))
         guard let cfg = try JSONSerialization.jsonObject(with: cfgData) as? [String: Any] else {
@@ -43,8 +48,13 @@ public final class GptsOrtModel: StepModel {
         let opts = try ORTSessionOptions()
         // 1.4M parameters: one thread is fastest per token and spares the battery.
         try opts.setIntraOpNumThreads(threads)
-        session = try ORTSession(env: env, modelPath: folder.appendingPathComponent("model.ort").path,
-                                 sessionOptions: opts)
+        let decodePath = folder.appendingPathComponent("model.decode.ort").path
+        let path = FileManager.default.fileExists(atPath: decodePath)
+            ? decodePath : folder.appendingPathComponent("model.ort").path
+        // Locals first: Swift reads no stored property before every one is set.
+        let s = try ORTSession(env: env, modelPath: path, sessionOptions: opts)
+        decodeGraph = try s.inputNames().contains("seqlens_k")
+        session = s
         var names: Set<String> = ["logits"]
         for i in 0..<layers { names.insert("present.\(i).key"); names.insert("present.\(i).value") }
         outputNames = names
@@ -56,10 +66,14 @@ public final class GptsOrtModel: StepModel {
     }
 
     public func newCache() throws -> KvCache {
+        // The decode graph's cache is a fixed-size buffer (zeros: nothing cached yet); the
+        // compatible graph's grows from zero positions.
+        let positions = decodeGraph ? contextLength : 0
+        let zeros = [Float](repeating: 0, count: kvHeads * positions * headDim)
         var past: [String: ORTValue] = [:]
         for i in 0..<layers {
-            past["past_key_values.\(i).key"] = try tensor([Float](), .float, [1, kvHeads, 0, headDim])
-            past["past_key_values.\(i).value"] = try tensor([Float](), .float, [1, kvHeads, 0, headDim])
+            past["past_key_values.\(i).key"] = try tensor(zeros, .float, [1, kvHeads, positions, headDim])
+            past["past_key_values.\(i).value"] = try tensor(zeros, .float, [1, kvHeads, positions, headDim])
         }
         return KvCache(past: past, length: 0)
     }
@@ -73,14 +87,20 @@ public final class GptsOrtModel: StepModel {
         }
         var feeds = cache.past
         feeds["input_ids"] = try tensor(ids, .int64, [1, n])
-        feeds["attention_mask"] = try tensor([Int64](repeating: 1, count: total), .int64, [1, total])
-        feeds["position_ids"] = try tensor((0..<n).map { Int64(cache.length + $0) }, .int64, [1, n])
+        if decodeGraph {
+            feeds["seqlens_k"] = try tensor([Int32(total - 1)], .int32, [1])
+            feeds["total_sequence_length"] = try tensor([Int32(total)], .int32, [])
+        } else {
+            feeds["attention_mask"] = try tensor([Int64](repeating: 1, count: total), .int64, [1, total])
+            feeds["position_ids"] = try tensor((0..<n).map { Int64(cache.length + $0) }, .int64, [1, n])
+        }
         let out = try session.run(withInputs: feeds, outputNames: outputNames, runOptions: nil)
-        guard let logitsValue = out["logits"] else { throw GPTSError.badFile("model.ort: no logits output") }
+        guard let logitsValue = out["logits"] else { throw GPTSError.badFile("\(decodeGraph ? "model.decode.ort" : "model.ort"): no logits output") }
         let data = try logitsValue.tensorData() as Data
         let logits: [Float] = data.withUnsafeBytes { raw in
             let all = raw.bindMemory(to: Float.self)
-            return Array(all[((n - 1) * vocabSize)..<(n * vocabSize)])
+            let last = decodeGraph ? 0 : n - 1  // the decode graph returns the last position only
+            return Array(all[(last * vocabSize)..<((last + 1) * vocabSize)])
         }
         var past: [String: ORTValue] = [:]
         for i in 0..<layers {

@@ -4,6 +4,7 @@ import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtSession
 import java.nio.FloatBuffer
+import java.nio.IntBuffer
 import java.nio.LongBuffer
 
 /** The KV cache between steps: the `present.*` tensors of the last run, fed back as `past_key_values.*`. */
@@ -11,11 +12,17 @@ class KvCache(val past: Map<String, OnnxTensor>, val length: Int)
 
 /**
  * GPT-S on onnxruntime-android (the same ai.onnxruntime API as the desktop Java package): one
- * session over model.ort, prefill in one run, then one run per token.
+ * session over model.decode.ort (or model.ort), prefill in one run, then one run per token.
  *
- * Graph I/O (names from gpts_edge/names.py): input_ids, attention_mask, position_ids [1, T] int64;
- * past_key_values.{i}.key/value [1, kvHeads, past, headDim] float32 -> logits [1, T, vocab],
- * present.{i}.key/value [1, kvHeads, past + T, headDim].
+ * Either graph of `gpts-edge export --format ort` runs; which one is read from its inputs (names
+ * from gpts_edge/names.py):
+ * - model.decode.ort, the fast step graph: input_ids [1, T] int64, seqlens_k [1] int32 (cached + T
+ *   - 1), total_sequence_length int32 scalar (cached + T), past_key_values.{i}.key/value
+ *   [1, kvHeads, context, headDim] float32 (fixed size; positions past the cache are ignored) ->
+ *   logits [1, 1, vocab] (last position), present.{i}.key/value of the same fixed size.
+ * - model.ort, the compatible graph: input_ids, attention_mask, position_ids [1, T] int64;
+ *   past_key_values.{i}.key/value [1, kvHeads, past, headDim] -> logits [1, T, vocab],
+ *   present.{i}.key/value [1, kvHeads, past + T, headDim].
  *
  * Not thread-safe: one generation at a time per instance.
  */
@@ -28,6 +35,8 @@ class GptsOrtModel(modelBytes: ByteArray, configJson: String, threads: Int = 1) 
     override val vocabSize: Int
     override val contextLength: Int
     private val empty: Map<String, OnnxTensor>
+    /** Whether the session runs the decode graph (model.decode.ort). */
+    val decodeGraph: Boolean
     // The Result whose present.* tensors are the live cache; closed when the next run replaces it.
     private var live: OrtSession.Result? = null
 
@@ -46,11 +55,17 @@ class GptsOrtModel(modelBytes: ByteArray, configJson: String, threads: Int = 1) 
         // leaves the other cores (and the battery) to the app.
         opts.setIntraOpNumThreads(threads)
         session = env.createSession(modelBytes, opts)
-        val shape = longArrayOf(1, kvHeads.toLong(), 0, headDim.toLong())
+        decodeGraph = "seqlens_k" in session.inputNames
+        // The decode graph's cache is a fixed-size buffer (zeros: nothing cached yet); the
+        // compatible graph's grows from zero positions.
+        val positions = if (decodeGraph) contextLength else 0
+        val shape = longArrayOf(1, kvHeads.toLong(), positions.toLong(), headDim.toLong())
         val e = LinkedHashMap<String, OnnxTensor>()
         for (i in 0 until layers) {
-            e["past_key_values.$i.key"] = OnnxTensor.createTensor(env, FloatBuffer.allocate(0), shape)
-            e["past_key_values.$i.value"] = OnnxTensor.createTensor(env, FloatBuffer.allocate(0), shape)
+            for (kv in listOf("key", "value")) {
+                e["past_key_values.$i.$kv"] =
+                    OnnxTensor.createTensor(env, FloatBuffer.allocate(kvHeads * positions * headDim), shape)
+            }
         }
         empty = e
     }
@@ -62,28 +77,30 @@ class GptsOrtModel(modelBytes: ByteArray, configJson: String, threads: Int = 1) 
         require(n > 0) { "step: expected at least one token, found none" }
         val total = cache.length + n
         require(total <= contextLength) { "sequence of $total tokens is longer than the context ($contextLength)" }
-        val mask = LongArray(total) { 1L }
-        val pos = LongArray(n) { cache.length + it.toLong() }
-        val own = listOf(
-            OnnxTensor.createTensor(env, LongBuffer.wrap(ids), longArrayOf(1, n.toLong())),
-            OnnxTensor.createTensor(env, LongBuffer.wrap(mask), longArrayOf(1, total.toLong())),
-            OnnxTensor.createTensor(env, LongBuffer.wrap(pos), longArrayOf(1, n.toLong()))
-        )
+        val own = LinkedHashMap<String, OnnxTensor>()
+        own["input_ids"] = OnnxTensor.createTensor(env, LongBuffer.wrap(ids), longArrayOf(1, n.toLong()))
+        if (decodeGraph) {
+            own["seqlens_k"] = OnnxTensor.createTensor(env, IntBuffer.wrap(intArrayOf(total - 1)), longArrayOf(1))
+            own["total_sequence_length"] = OnnxTensor.createTensor(env, IntBuffer.wrap(intArrayOf(total)), longArrayOf())
+        } else {
+            val mask = LongArray(total) { 1L }
+            val pos = LongArray(n) { cache.length + it.toLong() }
+            own["attention_mask"] = OnnxTensor.createTensor(env, LongBuffer.wrap(mask), longArrayOf(1, total.toLong()))
+            own["position_ids"] = OnnxTensor.createTensor(env, LongBuffer.wrap(pos), longArrayOf(1, n.toLong()))
+        }
         val feeds = HashMap<String, OnnxTensor>(cache.past)
-        feeds["input_ids"] = own[0]
-        feeds["attention_mask"] = own[1]
-        feeds["position_ids"] = own[2]
+        feeds.putAll(own)
         val result = try {
             session.run(feeds)
         } finally {
-            for (t in own) t.close()
+            for (t in own.values) t.close()
         }
         // The inputs of this run (the previous result's tensors) are no longer needed.
         live?.close()
         live = result
         val logitsBuf = (result.get("logits").get() as OnnxTensor).floatBuffer
         val logits = FloatArray(vocabSize)
-        logitsBuf.position((n - 1) * vocabSize)
+        logitsBuf.position(if (decodeGraph) 0 else (n - 1) * vocabSize)  // decode: last position only
         logitsBuf.get(logits)
         val present = LinkedHashMap<String, OnnxTensor>()
         for (i in 0 until layers) {

@@ -16,7 +16,8 @@ import java.util.concurrent.Executors
 /**
  * One screen: a prompt box, a Greedy switch, Generate, and the streamed text with tokens/s.
  * The model folder from `gpts-edge export --format ort` is bundled as app assets
- * (model.ort, config.json, tokenizer.json, generation_config.json).
+ * (model.ort, model.decode.ort, config.json, tokenizer.json, generation_config.json); generation
+ * steps with model.decode.ort when it is there.
  */
 class MainActivity : Activity() {
     private val worker = Executors.newSingleThreadExecutor()
@@ -52,7 +53,9 @@ class MainActivity : Activity() {
         stats.text = "loading model…"
         worker.execute {
             try {
-                val bytes = assets.open("model.ort").use { it.readBytes() }
+                // The decode graph steps faster; exports without it have only model.ort.
+                val file = if ("model.decode.ort" in (assets.list("") ?: emptyArray())) "model.decode.ort" else "model.ort"
+                val bytes = assets.open(file).use { it.readBytes() }
                 val config = assets.open("config.json").use { String(it.readBytes(), Charsets.UTF_8) }
                 val tokJson = assets.open("tokenizer.json").use { String(it.readBytes(), Charsets.UTF_8) }
                 val genJson = assets.open("generation_config.json").use { String(it.readBytes(), Charsets.UTF_8) }
@@ -60,7 +63,7 @@ class MainActivity : Activity() {
                 model = GptsOrtModel(bytes, config)
                 @Suppress("UNCHECKED_CAST")
                 generation = Json.parse(genJson) as Map<String, Any?>
-                runOnUiThread { stats.text = "model loaded (${bytes.size / 1024} KiB)"; go.isEnabled = true }
+                runOnUiThread { stats.text = "$file loaded (${bytes.size / 1024} KiB)"; go.isEnabled = true }
             } catch (e: Exception) {
                 runOnUiThread { stats.text = "could not load the model: ${e.message}" }
             }
