@@ -155,29 +155,37 @@ def test_user_cache_export_shares_the_weights_too(
 
 
 def samples_loop(path: Path, cfg, prompt: list[int], n: int) -> list[int]:
-    """The Kotlin/Swift samples' GptsOrtModel loop over plain onnxruntime, without IO binding:
-    zero buffers of the full context as the empty cache, present.* fed back as past_key_values.*,
-    seqlens_k / total_sequence_length for the decode graph, greedy."""
+    """The Kotlin/Swift samples' GptsOrtModel loop on the decode graph, over plain onnxruntime:
+    one zero buffer of the full context per past_key_values.* tensor as the empty cache, the
+    present.* outputs pinned to those same tensors (Java's pinned outputs, Objective-C's
+    preallocated outputs), seqlens_k / total_sequence_length per step, greedy."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert "seqlens_k" in {i.name for i in sess.get_inputs()}
     shape = (1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
     names = [f"past_key_values.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
-    past = {k: np.zeros(shape, np.float32) for k in names}
-    out_names = [o.name for o in sess.get_outputs()]
+    buffers = {k: np.zeros(shape, np.float32) for k in names}  # OrtValues below borrow these
+    kv = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in buffers.items()}
     length, feed, new = 0, prompt, []
     for _ in range(n):
         total = length + len(feed)
-        feeds = {
+        io = sess.io_binding()
+        # Kept referenced until the run: bind_cpu_input does not copy.
+        small = {
             "input_ids": np.array([feed], np.int64),
             "seqlens_k": np.array([total - 1], np.int32),
             "total_sequence_length": np.array(total, np.int32),
-            **past,
         }
-        out = dict(zip(out_names, sess.run(None, feeds), strict=True))
-        past = {k: out[k.replace("past_key_values", "present")] for k in names}
-        feed, length = [int(np.argmax(out["logits"][0, -1]))], total
+        for k, v in small.items():
+            io.bind_cpu_input(k, v)
+        io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for k, v in kv.items():
+            io.bind_ortvalue_input(k, v)
+            io.bind_ortvalue_output(k.replace("past_key_values", "present"), v)
+        sess.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        feed, length = [int(np.argmax(logits[0, -1]))], total
         new.append(feed[0])
     return new
 

@@ -16,7 +16,8 @@ public struct KvCache {
 /// when the export has it) or model.ort, prefill in one run, then one run per token. Graph I/O names
 /// are those of gpts_edge/names.py. The decode graph takes seqlens_k [1] (cached + new - 1) and
 /// total_sequence_length (a scalar, cached + new) instead of attention_mask/position_ids, a
-/// fixed-size cache [1, kvHeads, context, headDim], and returns the last position's logits only.
+/// fixed-size cache [1, kvHeads, context, headDim] updated in place, and returns the last
+/// position's logits only. One generation at a time per instance.
 public final class GptsOrtModel: StepModel {
     public let contextLength: Int
     public let vocabSize: Int
@@ -94,13 +95,31 @@ public final class GptsOrtModel: StepModel {
             feeds["attention_mask"] = try tensor([Int64](repeating: 1, count: total), .int64, [1, total])
             feeds["position_ids"] = try tensor((0..<n).map { Int64(cache.length + $0) }, .int64, [1, n])
         }
+        if decodeGraph {
+            // In place: present.* are preallocated outputs over the very ORTValues fed as
+            // past_key_values.* (what IO binding does in Python), so a step copies no cache; in
+            // Python that was about 1.7x faster than model.ort, copying the cache barely faster.
+            // The cache's buffers then hold `total` positions (an older KvCache of this model
+            // is stale; the generation loop never steps from one).
+            let logitsData = NSMutableData(length: vocabSize * MemoryLayout<Float>.stride)!
+            var outputs: [String: ORTValue] = [
+                "logits": try ORTValue(tensorData: logitsData, elementType: .float,
+                                       shape: [1, 1, NSNumber(value: vocabSize)])
+            ]
+            for (name, value) in cache.past {
+                outputs[name.replacingOccurrences(of: "past_key_values.", with: "present.")] = value
+            }
+            try session.run(withInputs: feeds, outputs: outputs, runOptions: nil)
+            let logits = Array(UnsafeBufferPointer(start: logitsData.bytes.assumingMemoryBound(to: Float.self),
+                                                   count: vocabSize))
+            return (logits, KvCache(past: cache.past, length: total))
+        }
         let out = try session.run(withInputs: feeds, outputNames: outputNames, runOptions: nil)
-        guard let logitsValue = out["logits"] else { throw GPTSError.badFile("\(decodeGraph ? "model.decode.ort" : "model.ort"): no logits output") }
+        guard let logitsValue = out["logits"] else { throw GPTSError.badFile("model.ort: no logits output") }
         let data = try logitsValue.tensorData() as Data
         let logits: [Float] = data.withUnsafeBytes { raw in
             let all = raw.bindMemory(to: Float.self)
-            let last = decodeGraph ? 0 : n - 1  // the decode graph returns the last position only
-            return Array(all[(last * vocabSize)..<((last + 1) * vocabSize)])
+            return Array(all[((n - 1) * vocabSize)..<(n * vocabSize)])
         }
         var past: [String: ORTValue] = [:]
         for i in 0..<layers {
