@@ -3,8 +3,8 @@
 URL layout (the page in examples/browser/ expects it):
   /               examples/browser/ (index.html, the JS modules)
   /ort/           examples/browser/node_modules/onnxruntime-web/dist/
-  /model/         the exported ONNX folder: model.onnx, config.json, tokenizer.json,
-                  generation_config.json
+  /model/         the exported ONNX folder: model.onnx, model.decode.onnx (when usable),
+                  config.json, tokenizer.json, generation_config.json
 
 Every response carries the COOP/COEP headers that make the page cross-origin isolated, which
 WASM threads (SharedArrayBuffer) need. Nothing is fetched from the internet.
@@ -26,6 +26,7 @@ BROWSER_DIR = REPO_ROOT / "examples" / "browser"
 ORT_SUBDIR = Path("node_modules") / "onnxruntime-web" / "dist"
 INSTALL_HINT = "npm ci --prefix examples/browser"
 MODEL_SIDECARS = ("config.json", "tokenizer.json", "generation_config.json")
+DECODE_FILE = "model.decode.onnx"  # served when the folder has a usable one; the page prefers it
 
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -79,6 +80,25 @@ def resolve_model(model: str | Path | None, log: Callable[[str], None] = print) 
             "(export with `gpts-edge export --format onnx` to get them)"
         )
     return onnx_file, folder
+
+
+def decode_graph_for_page(onnx_file: Path) -> Path | None:
+    """The decode flavour beside ``onnx_file`` when the page can run it: present, exported with
+    this very model file (the runtime's stale check), and reading its weights from a file the page
+    knows as model.onnx (or from none). Otherwise the page runs the full graph."""
+    from gpts_edge.constants import DECODE_SUFFIX
+    from gpts_edge.names import ONNX_META_WEIGHTS_FILE
+    from gpts_edge.runtimes.onnx import flavour_path, onnx_metadata, stale_flavour
+
+    decode = flavour_path(onnx_file, DECODE_SUFFIX)
+    if not decode.is_file() or stale_flavour(decode) is not None:
+        return None
+    source = onnx_metadata(decode).get(ONNX_META_WEIGHTS_FILE)
+    if source is not None and source != onnx_file.name:
+        return None
+    if source is not None and onnx_file.name != "model.onnx":
+        return None  # the page names the weights file model.onnx
+    return decode
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -171,6 +191,9 @@ class WebServer:
         page = browser_dir(page_dir).resolve()
         self.onnx_file, self.model_dir = resolve_model(model, log=log)
         model_files = {"model.onnx": self.onnx_file.resolve()}
+        decode = decode_graph_for_page(self.onnx_file)
+        if decode is not None:
+            model_files[DECODE_FILE] = decode.resolve()
         for name in MODEL_SIDECARS:
             if (self.model_dir / name).is_file():
                 model_files[name] = (self.model_dir / name).resolve()

@@ -217,3 +217,17 @@ def test_ort_export_converts_the_decode_graph_reproducibly_and_generation_uses_i
     export_ort(ckpts[0], b, log=quiet)
     for name in ("model.ort", "model.decode.ort"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_web_server_sends_the_decode_graph_only_when_it_matches_model_onnx(
+    ckpts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from gpts_edge.web import decode_graph_for_page
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    export_onnx(ckpts[0], a, log=quiet, decode_graph=True)
+    export_onnx(ckpts[1], b, log=quiet)
+    assert decode_graph_for_page(a / "model.onnx") == a / "model.decode.onnx"
+    assert decode_graph_for_page(b / "model.onnx") is None
+    shutil.copyfile(b / "model.onnx", a / "model.onnx")  # the page would read another graph's bytes
+    assert decode_graph_for_page(a / "model.onnx") is None

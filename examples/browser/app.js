@@ -1,6 +1,7 @@
 // Page wiring: load onnxruntime-web and the model from this server (no CDN), read the controls,
-// stream tokens into the output, show tokens/s. URL parameters: ?model=URL_OF_FOLDER/ and
-// ?threads=N (WASM threads; >1 needs the COOP/COEP headers that `gpts-edge web` sends).
+// stream tokens into the output, show tokens/s. URL parameters: ?model=URL_OF_FOLDER/,
+// ?threads=N (WASM threads; >1 needs the COOP/COEP headers that `gpts-edge web` sends) and
+// ?graph=auto|decode|full (auto: model.decode.onnx when the folder has it).
 
 import * as ort from "./ort/ort.wasm.min.mjs";
 import { OnnxModel } from "./model.js";
@@ -11,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const modelUrl = new URL(params.get("model") ?? "model/", location.href).href;
 const threads = Number(params.get("threads") ?? 1);
+const graph = params.get("graph") ?? "auto";
 const FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens"];
 
 ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
@@ -98,7 +100,7 @@ async function onGenerate(event) {
 
 async function main() {
   setStatus(`loading ${modelUrl} …`);
-  model = await OnnxModel.load(ort, modelUrl);
+  model = await OnnxModel.load(ort, modelUrl, {}, graph);
   const g = optionsFromGenerationConfig(model.generation);
   for (const f of FIELDS) $(f).value = g[f];
   $("greedy").checked = g.temperature === 0;
@@ -109,7 +111,7 @@ async function main() {
   setStatus("ready");
   $("info").textContent =
     `${model.config.num_hidden_layers} layers, vocabulary ${model.vocab}, context ${model.context} · ` +
-    `model.onnx ${(model.modelBytes / 1e6).toFixed(1)} MB · WASM, ${ort.env.wasm.numThreads} thread(s), ${isolated}`;
+    `${model.graph} ${(model.modelBytes / 1e6).toFixed(1)} MB · WASM, ${ort.env.wasm.numThreads} thread(s), ${isolated}`;
   $("form").addEventListener("submit", onGenerate);
   $("stop").addEventListener("click", () => abort?.abort());
   $("generate").disabled = false;

@@ -1,7 +1,7 @@
 """Decode tokens/s of the browser page in headless Chromium (onnxruntime-web, WASM).
 
-    python examples/browser/bench.py [--model FOLDER ...] [--threads 1 2] [--tokens 200] [--repeats 3] [--native]
-    python examples/browser/bench.py --steps 16 128 383 [--model FOLDER ...] [--threads 1] [--native]
+    python examples/browser/bench.py [--model FOLDER ...] [--threads 1 2] [--graph decode full] [--tokens 200] [--repeats 3] [--native]
+    python examples/browser/bench.py --steps 16 128 383 [--model FOLDER ...] [--threads 1] [--graph decode full] [--rounds 5] [--native]
 
 Each model folder is served by `gpts-edge web`'s server; the page's own generation loop runs
 greedy decoding from a fixed prompt, and the median decode rate (prefill excluded) is printed
@@ -92,25 +92,39 @@ STEP_JS = """async ([past, n]) => {
 }"""
 
 
-def measure_steps(browser, url: str, pasts: list[int], n: int = 200) -> list[dict]:
-    """One decode step after a fixed number of cached tokens, n times: the minimum is the figure a
-    busy machine disturbs least."""
-    page = browser.new_page()
-    page.goto(url)
-    page.wait_for_function("window.gpts !== undefined")
-    page.evaluate("window.gpts.ready.then(() => true)")
-    rows = []
-    for past in pasts:
-        times = page.evaluate(STEP_JS, [past, n])
-        rows.append(
+def measure_steps(
+    browser, urls: list[str], pasts: list[int], n: int = 200, rounds: int = 1
+) -> list[list[dict]]:
+    """One decode step after a fixed number of cached tokens, n times, on one page per URL. With
+    several rounds the pages take turns (round 1 on every page, then round 2...), so a change in
+    the machine's load falls on all of them alike. Per page and past: the fastest step over all
+    rounds (the figure a busy machine disturbs least), the median step, and each round's fastest."""
+    pages = []
+    for url in urls:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("window.gpts !== undefined")
+        page.evaluate("window.gpts.ready.then(() => true)")
+        pages.append(page)
+    times: list[dict[int, list[list[float]]]] = [{past: [] for past in pasts} for _ in urls]
+    for _ in range(rounds):
+        for k, page in enumerate(pages):
+            for past in pasts:
+                times[k][past].append(page.evaluate(STEP_JS, [past, n]))
+    for page in pages:
+        page.close()
+    return [
+        [
             {
                 "past": past,
-                "min_step_ms": round(min(times), 3),
-                "median_step_ms": round(statistics.median(times), 3),
+                "min_step_ms": round(min(min(r) for r in t[past]), 3),
+                "median_step_ms": round(statistics.median([x for r in t[past] for x in r]), 3),
+                "round_min_ms": [round(min(r), 3) for r in t[past]],
             }
-        )
-    page.close()
-    return rows
+            for past in pasts
+        ]
+        for t in times
+    ]
 
 
 def measure_native_steps(onnx_file: Path, pasts: list[int], n: int = 200) -> list[dict]:
@@ -187,6 +201,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--graph",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "decode", "full"],
+        help="the page's graph (?graph=): decode = model.decode.onnx, full = model.onnx",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="--steps: rounds taken in turns by the pages")
     ap.add_argument("--native", action="store_true", help="also time Python onnxruntime (CPU, 1 thread)")
     ap.add_argument(
         "--steps",
@@ -202,23 +224,34 @@ def main() -> None:
         for model in a.model or [None]:
             with WebServer(model, port=0, log=lambda _m: None) as server:
                 if a.steps:
-                    for threads in a.threads:
-                        for row in measure_steps(browser, f"{server.url}?threads={threads}", a.steps):
-                            row.update(model=str(server.onnx_file), runtime=f"wasm, {threads} thread(s)")
+                    combos = [(g, t) for g in a.graph for t in a.threads]
+                    urls = [f"{server.url}?threads={t}&graph={g}" for g, t in combos]
+                    for (graph, threads), rows in zip(
+                        combos, measure_steps(browser, urls, a.steps, rounds=a.rounds), strict=True
+                    ):
+                        for row in rows:
+                            row.update(
+                                model=str(server.onnx_file), runtime=f"wasm, {threads} thread(s)", graph=graph
+                            )
                             print(json.dumps(row), flush=True)
                     if a.native:
                         for row in measure_native_steps(server.onnx_file, a.steps):
                             row.update(model=str(server.onnx_file), runtime="python onnxruntime, 1 thread")
                             print(json.dumps(row), flush=True)
                     continue
-                for threads in a.threads:
-                    t0 = time.time()
-                    row = measure(browser, f"{server.url}?threads={threads}", a.tokens, a.repeats)
-                    row.update(
-                        model=str(server.onnx_file), threads=threads, seconds=round(time.time() - t0, 1)
-                    )
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
+                for graph in a.graph:
+                    for threads in a.threads:
+                        t0 = time.time()
+                        url = f"{server.url}?threads={threads}&graph={graph}"
+                        row = measure(browser, url, a.tokens, a.repeats)
+                        row.update(
+                            model=str(server.onnx_file),
+                            threads=threads,
+                            graph=graph,
+                            seconds=round(time.time() - t0, 1),
+                        )
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
                 if a.native:
                     row = measure_native(server.onnx_file, a.tokens, a.repeats)
                     row.update(model=str(server.onnx_file), runtime="python onnxruntime, 1 thread")

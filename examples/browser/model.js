@@ -27,25 +27,47 @@ async function fetchJson(url, what) {
   }
 }
 
+async function fetchOptional(url) {
+  try {
+    const res = await fetch(url);
+    return res.ok ? new Uint8Array(await res.arrayBuffer()) : null;
+  } catch {
+    return null;
+  }
+}
+
 export class OnnxModel {
+  static FILE = "model.onnx";
+
   /**
    * @param {object} ort the onnxruntime-web module
    * @param {string} base URL of the model folder, ending in "/"
    * @param {object} sessionOptions passed to InferenceSession.create
+   * @param {string} graph "auto" (the decode graph when the folder has one), "decode" or "full"
    */
-  static async load(ort, base, sessionOptions = {}) {
-    const [config, tokJson, generation, bytes] = await Promise.all([
+  static async load(ort, base, sessionOptions = {}, graph = "auto") {
+    if (!["auto", "decode", "full"].includes(graph)) throw new Error(`graph: expected auto, decode or full, found ${graph}`);
+    const [config, tokJson, generation, bytes, decodeBytes] = await Promise.all([
       fetchJson(new URL("config.json", base), "config.json"),
       fetchJson(new URL("tokenizer.json", base), "tokenizer.json"),
       fetchJson(new URL("generation_config.json", base), "generation_config.json").catch(() => ({})),
       fetchChecked(new URL("model.onnx", base), "model.onnx").then((r) => r.arrayBuffer()),
+      graph === "full" ? null : fetchOptional(new URL("model.decode.onnx", base)),
     ]);
-    const session = await ort.InferenceSession.create(new Uint8Array(bytes), {
-      executionProviders: ["wasm"],
-      graphOptimizationLevel: "all",
-      ...sessionOptions,
-    });
-    return new OnnxModel(ort, session, config, new ByteLevelBPE(tokJson), generation, bytes.byteLength);
+    if (graph === "decode" && !decodeBytes) throw new Error(`${new URL("model.decode.onnx", base)}: cannot fetch the decode graph`);
+    const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all", logSeverityLevel: 3, ...sessionOptions };
+    const tokenizer = new ByteLevelBPE(tokJson);
+    if (decodeBytes) {
+      // The decode graph holds no weights: it reads them from model.onnx (ONNX external data whose
+      // file is model.onnx itself), so one download serves both.
+      const session = await ort.InferenceSession.create(decodeBytes, {
+        ...options,
+        externalData: [{ path: "model.onnx", data: new Uint8Array(bytes) }],
+      });
+      return new DecodeModel(ort, session, config, tokenizer, generation, bytes.byteLength + decodeBytes.byteLength);
+    }
+    const session = await ort.InferenceSession.create(new Uint8Array(bytes), options);
+    return new OnnxModel(ort, session, config, tokenizer, generation, bytes.byteLength);
   }
 
   constructor(ort, session, config, tokenizer, generation, modelBytes) {
@@ -58,15 +80,18 @@ export class OnnxModel {
     this.tokenizer = tokenizer;
     this.generation = generation;
     this.modelBytes = modelBytes;
+    this.graph = this.constructor.FILE;
     this.layers = config.num_hidden_layers;
     this.kvHeads = config.num_key_value_heads;
     this.headDim = config.head_dim;
     this.vocab = config.vocab_size;
     this.context = config.max_position_embeddings;
-    const missing = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"].filter(
-      (n) => !session.inputNames.includes(n),
-    );
-    if (missing.length) throw new Error(`model.onnx: missing input(s) ${missing.join(", ")} (found ${session.inputNames.join(", ")})`);
+    const missing = this.inputs().filter((n) => !session.inputNames.includes(n));
+    if (missing.length) throw new Error(`${this.graph}: missing input(s) ${missing.join(", ")} (found ${session.inputNames.join(", ")})`);
+  }
+
+  inputs() {
+    return ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"];
   }
 
   newCache() {
@@ -143,5 +168,40 @@ export class OnnxModel {
         stats.stepMs.push(ms);
       }
     }
+  }
+}
+
+/**
+ * The decode graph (model.decode.onnx, see docs/onnx.md): GroupQueryAttention with the lengths as
+ * two int32 inputs instead of a mask and positions, and the last position's logits only.
+ * Python binds one fixed-size KV buffer of the whole context and lets the graph write into it in
+ * place; onnxruntime-web copies every input into WASM memory and every output out of it, so here
+ * the cache grows instead, like the full graph's (GroupQueryAttention's present is then
+ * cached + new positions long): copying two 384-position buffers per step made early steps
+ * slower than the full graph's. Each step returns new present.* tensors; a cache stays usable.
+ */
+export class DecodeModel extends OnnxModel {
+  static FILE = "model.decode.onnx";
+
+  inputs() {
+    return ["input_ids", "seqlens_k", "total_sequence_length", "past_key_values.0.key"];
+  }
+
+  async step(tokens, cache) {
+    const T = tokens.length;
+    const total = cache.length + T;
+    const feeds = {
+      input_ids: new this.ort.Tensor("int64", BigInt64Array.from(tokens, (v) => BigInt(v)), [1, T]),
+      seqlens_k: new this.ort.Tensor("int32", Int32Array.of(total - 1), [1]),
+      total_sequence_length: new this.ort.Tensor("int32", Int32Array.of(total), []),
+    };
+    for (let i = 0; i < this.layers; i++) {
+      feeds[`past_key_values.${i}.key`] = cache.kv[2 * i];
+      feeds[`past_key_values.${i}.value`] = cache.kv[2 * i + 1];
+    }
+    const out = await this.session.run(feeds);
+    const kv = [];
+    for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
+    return { logits: out.logits.data.slice(0, this.vocab), cache: { length: total, kv } };
   }
 }
