@@ -1,7 +1,7 @@
 // Page wiring: load onnxruntime-web and the model from this server (no CDN), read the controls,
 // stream tokens into the output, show tokens/s. URL parameters: ?model=URL_OF_FOLDER/,
 // ?threads=N (WASM threads; >1 needs the COOP/COEP headers that `gpts-edge web` sends) and
-// ?graph=auto|decode|full (auto: model.decode.onnx when the folder has it).
+// ?graph=full|decode (default full: model.onnx; decode: model.decode.onnx, no faster in WASM).
 
 import * as ort from "./ort/ort.wasm.min.mjs";
 import { OnnxModel } from "./model.js";
@@ -12,7 +12,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const modelUrl = new URL(params.get("model") ?? "model/", location.href).href;
 const threads = Number(params.get("threads") ?? 1);
-const graph = params.get("graph") ?? "auto";
+const graph = params.get("graph") ?? "full";
 const FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "max_new_tokens"];
 
 ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;

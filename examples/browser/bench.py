@@ -204,8 +204,8 @@ def main() -> None:
     ap.add_argument(
         "--graph",
         nargs="+",
-        default=["auto"],
-        choices=["auto", "decode", "full"],
+        default=["full"],
+        choices=["decode", "full"],
         help="the page's graph (?graph=): decode = model.decode.onnx, full = model.onnx",
     )
     ap.add_argument("--rounds", type=int, default=1, help="--steps: rounds taken in turns by the pages")

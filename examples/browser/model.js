@@ -43,10 +43,11 @@ export class OnnxModel {
    * @param {object} ort the onnxruntime-web module
    * @param {string} base URL of the model folder, ending in "/"
    * @param {object} sessionOptions passed to InferenceSession.create
-   * @param {string} graph "auto" (the decode graph when the folder has one), "decode" or "full"
+   * @param {string} graph "full" (model.onnx) or "decode" (model.decode.onnx; measured no faster
+   *   in WASM, see docs/browser.md, so the page defaults to "full")
    */
-  static async load(ort, base, sessionOptions = {}, graph = "auto") {
-    if (!["auto", "decode", "full"].includes(graph)) throw new Error(`graph: expected auto, decode or full, found ${graph}`);
+  static async load(ort, base, sessionOptions = {}, graph = "full") {
+    if (!["decode", "full"].includes(graph)) throw new Error(`graph: expected full or decode, found ${graph}`);
     const [config, tokJson, generation, bytes, decodeBytes] = await Promise.all([
       fetchJson(new URL("config.json", base), "config.json"),
       fetchJson(new URL("tokenizer.json", base), "tokenizer.json"),
