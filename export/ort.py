@@ -131,6 +131,9 @@ def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable
         cwd = out_dir.parent
         paths = [os.path.relpath(onnx_path, cwd), os.path.relpath(out_dir, cwd)]
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "LC_ALL": "C"}
+        for name in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"):  # how a custom onnxruntime is found
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.pathsep.join(
                 os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep)
@@ -140,7 +143,12 @@ def _convert(onnx_path: Path, out_dir: Path, target_platform: str, log: Callable
         for line in proc.stdout.splitlines():
             if line.strip():
                 log(line.rstrip())
-        if proc.returncode != 0:
+        if proc.returncode != 0 and "No module named 'gpts_edge'" in proc.stderr:
+            # A source tree the caller put on sys.path, which a fresh interpreter does not see.
+            log("  ort: the converter's child process cannot import gpts_edge; converting in-process")
+            _convert_here(onnx_path, out_dir, target_platform, log)
+            prefix = None
+        elif proc.returncode != 0:
             errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
             last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise GptsError(

@@ -288,6 +288,8 @@ def export(
             raise GptsError(f"--layout: unknown layout {layout!r}; choose from onnx, transformersjs")
         if arch != "gpts" and format != "gguf":
             raise GptsError(f"--arch {arch}: only applies to --format gguf")
+        if not decode_graph and (format not in ("onnx", "ort") or layout != "onnx"):
+            raise GptsError("--no-decode-graph: only applies to --format onnx and ort")
         if layout == "transformersjs":
             from gpts_edge.export.compat import export_transformersjs
 

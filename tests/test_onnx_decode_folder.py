@@ -231,3 +231,9 @@ def test_web_server_sends_the_decode_graph_only_when_it_matches_model_onnx(
     assert decode_graph_for_page(b / "model.onnx") is None
     shutil.copyfile(b / "model.onnx", a / "model.onnx")  # the page would read another graph's bytes
     assert decode_graph_for_page(a / "model.onnx") is None
+
+
+def test_no_decode_graph_is_refused_where_there_is_no_decode_graph(tmp_path: Path) -> None:
+    res = run_cli("export", "--format", "gguf", "-o", tmp_path / "m.gguf", "--no-decode-graph")
+    assert res.returncode == 2 and res.stderr.startswith("error: --no-decode-graph: only applies")
+    assert not list(tmp_path.iterdir())
