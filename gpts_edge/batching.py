@@ -29,7 +29,7 @@ import numpy as np
 
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
-from gpts_edge.sampling import SequenceSampler
+from gpts_edge.sampling import SequenceSampler, advance_rows
 
 MAX_LOGPROBS = 5
 MAX_SLOTS = 256  # each row holds a full-context KV slot (~1 MB for GPT-S-1.4M)
@@ -196,17 +196,19 @@ class Scheduler:
             seq.on_done(reason, err)
 
     @staticmethod
-    def _sample(seq: Sequence, logits: np.ndarray) -> TokenEvent:
-        """The row's next token (touches only this sequence: safe on a pool thread)."""
-        tok = seq.sampler.advance(logits)
-        event = TokenEvent(tok)
-        if seq.logprobs is not None:
-            lp = _log_softmax(logits)
-            event.logprob = float(lp[tok])
-            if seq.logprobs:
-                top = np.argsort(-lp, kind="stable")[: seq.logprobs]
-                event.top = [(int(t), float(lp[t])) for t in top]
-        return event
+    def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
+        """The rows' next tokens, one ``sample_rows`` pass for all of them (touches only these
+        sequences: safe on a pool thread). ``logits``: (rows, vocab), row i for ``seqs[i]``."""
+        toks = advance_rows([seq.sampler for seq in seqs], logits)
+        events = [TokenEvent(tok) for tok in toks]
+        for i, seq in enumerate(seqs):
+            if seq.logprobs is not None:  # only when asked: a log-softmax over the vocabulary
+                lp = _log_softmax(logits[i])
+                events[i].logprob = float(lp[toks[i]])
+                if seq.logprobs:
+                    top = np.argsort(-lp, kind="stable")[: seq.logprobs]
+                    events[i].top = [(int(t), float(lp[t])) for t in top]
+        return events
 
     def _deliver(self, seq: Sequence, event: TokenEvent) -> None:
         self.stats["tokens"] += 1
@@ -222,19 +224,19 @@ class Scheduler:
             self._finish(seq, "stop" if eos else "length")
 
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        self._deliver(seq, self._sample(seq, logits))
+        self._deliver(seq, self._sample([seq], np.asarray(logits)[None])[0])
 
-    def _sample_rows(self, rows: list[tuple[Sequence, np.ndarray]]) -> list[TokenEvent]:
-        """Sample every row; with several threads, numpy's GIL-free inner loops overlap."""
-        if self._pool is None or len(rows) < 2:
-            return [self._sample(seq, logits) for seq, logits in rows]
-        k = self._pool_size
-        parts = [rows[i::k] for i in range(k)]
-        done = list(self._pool.map(lambda part: [self._sample(seq, lg) for seq, lg in part], parts))
-        events: list[TokenEvent] = [None] * len(rows)  # type: ignore[list-item]
-        for i, part in enumerate(done):
-            events[i::k] = part
-        return events
+    def _sample_rows(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
+        """Sample every row; with several threads, contiguous slices of the batch at once (numpy
+        releases the GIL in its loops). A row's token does not depend on which slice it is in."""
+        k = min(self._pool_size, len(seqs))
+        if self._pool is None or k < 2:
+            return self._sample(seqs, logits)
+        cuts = [len(seqs) * i // k for i in range(k + 1)]
+        parts = self._pool.map(
+            lambda i: self._sample(seqs[cuts[i] : cuts[i + 1]], logits[cuts[i] : cuts[i + 1]]), range(k)
+        )
+        return [event for part in parts for event in part]
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; the last active row moves into each freed row."""
@@ -300,10 +302,11 @@ class Scheduler:
             t1 = time.perf_counter()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(self._active))
-            rows = [(seq, logits[row]) for row, seq in enumerate(self._active) if not seq.finished]
-            events = self._sample_rows(rows)
+            live = [row for row, seq in enumerate(self._active) if not seq.finished]
+            seqs = [self._active[row] for row in live]
+            events = self._sample_rows(seqs, logits if len(live) == len(logits) else logits[live])
             t2 = time.perf_counter()
-            for (seq, _), event in zip(rows, events, strict=True):
+            for seq, event in zip(seqs, events, strict=True):
                 self._deliver(seq, event)
             self._retire()
             # Where a decode step's time goes (microseconds, summed): the model, the sampler, the rest.
