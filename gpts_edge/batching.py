@@ -143,7 +143,7 @@ class Scheduler:
         self._pool_size = max(1, threads)
         self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
         self.stats = {"steps": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
-        self.stats.update(decode_us=0, sample_us=0, deliver_us=0)
+        self.stats.update(prefill_us=0, decode_us=0, sample_us=0, deliver_us=0)
         self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -293,7 +293,10 @@ class Scheduler:
             for row, seq in enumerate(self._active):
                 # A full prompt slides right after its first token: read the kept tokens too.
                 while seq.sampler.reset and not (seq.finished or seq.sampler.done):
-                    self._advance(seq, self.backend.prefill(row, seq.sampler.feed))
+                    t = time.perf_counter()
+                    logits = self.backend.prefill(row, seq.sampler.feed)
+                    self.stats["prefill_us"] += int((time.perf_counter() - t) * 1e6)
+                    self._advance(seq, logits)
             self._retire()
             if not self._active:
                 return

@@ -129,7 +129,8 @@ def sample_rows(logits: np.ndarray, rows: Sequence[SampleRow]) -> list[int]:
         x[np.repeat(ban, [len(b) for b in lists]), np.concatenate(lists)] = -np.inf
     # Everything banned (or non-finite): the raw argmax rather than fail. A finite maximum means
     # some entry is finite; only rows without one need the full check.
-    for i in np.flatnonzero(~np.isfinite(x.max(axis=1))).tolist():
+    largest = x.max(axis=1)
+    for i in np.flatnonzero(~np.isfinite(largest)).tolist():
         if not np.isfinite(x[i]).any():
             out[i] = int(np.argmax(logits[i]))
     # 3. Greedy.
@@ -139,7 +140,7 @@ def sample_rows(logits: np.ndarray, rows: Sequence[SampleRow]) -> list[int]:
             out[i] = tok
     todo = [i for i in range(n_rows) if out[i] is None]
     if todo:
-        for i, tok in zip(todo, _draw(_take(x, todo), logits, rows, todo), strict=True):
+        for i, tok in zip(todo, _draw(_take(x, todo), largest[todo], logits, rows, todo), strict=True):
             out[i] = tok
     return out  # type: ignore[return-value]
 
@@ -149,11 +150,15 @@ def _take(a: np.ndarray, rows: list[int]) -> np.ndarray:
     return a if len(rows) == len(a) else a[rows]
 
 
-def _draw(x: np.ndarray, logits: np.ndarray, rows: Sequence[SampleRow], todo: list[int]) -> list[int]:
-    """Steps 4-8 for the rows ``todo`` (``x``: their penalised logits, one row each)."""
+def _draw(
+    x: np.ndarray, largest: np.ndarray, logits: np.ndarray, rows: Sequence[SampleRow], todo: list[int]
+) -> list[int]:
+    """Steps 4-8 for the rows ``todo`` (``x``: their penalised logits, one row each; ``largest``:
+    each row's maximum)."""
     opts = [rows[i].opts for i in todo]
     # 4. Temperature.
-    x /= np.array([o.temperature for o in opts])[:, None]
+    temperature = np.array([o.temperature for o in opts])
+    x /= temperature[:, None]
     # 5. Top-k, one partition per distinct k.
     vocab = x.shape[1]
     for k in {o.top_k for o in opts if 0 < o.top_k < vocab}:
@@ -164,7 +169,9 @@ def _draw(x: np.ndarray, logits: np.ndarray, rows: Sequence[SampleRow], todo: li
         x[sel] = sub
     # 6. Softmax. A finite maximum means no +inf or NaN: exp(-inf - top) is exactly the 0 of a
     # masked entry. Other rows (e.g. a tiny temperature overflowed) use their finite entries only.
-    top = x.max(axis=1)
+    # The largest of x / T is the largest x over T (rounding is monotonic; top-k keeps it): no
+    # pass over the vocabulary for it.
+    top = largest / temperature
     ok = np.isfinite(top)
     out: list[int | None] = [None] * len(todo)
     if ok.all():
@@ -219,10 +226,6 @@ def _cdf_draw(p: np.ndarray, ids: np.ndarray, u: np.ndarray) -> list[int]:
 # 0.8 their mass reaches 0.95 in ~3/4 of the rows), then 2**-16 for the rest, then sorts the whole
 # row: sorting tens of ids instead of the vocabulary is most of what makes this fast.
 _CANDIDATE_FLOORS = (2.0**-9, 2.0**-16)
-# Candidates are sorted by one int64 key per id: row << 57 | (bits of 1.0 - bits of p). For p in
-# [2**-31, 1] the second part is below 2**57 and orders p descending; 64 rows fit in the rest.
-_KEY_SHIFT, _KEY_ROWS, _KEY_MIN_P = 57, 64, 2.0**-31
-_ONE_BITS = int(np.float64(1.0).view(np.int64))
 
 
 def _nucleus_draw(
@@ -236,67 +239,40 @@ def _nucleus_draw(
     are equal values: any order among them gives the same sums), added in order per row.
     """
     n_rows, vocab = p.shape
-    if n_rows > _KEY_ROWS:
-        return [
-            tok
-            for s in range(0, n_rows, _KEY_ROWS)
-            for tok in _nucleus_draw(p[s : s + _KEY_ROWS], pmax[s : s + _KEY_ROWS], top_p[s:], u[s:], level)
-        ]
-    top_p, u = top_p[:n_rows], u[:n_rows]
-    t = np.maximum(pmax * _CANDIDATE_FLOORS[level], _KEY_MIN_P)
-    flat = np.flatnonzero(p >= t[:, None])  # row-major: each row's candidates in id order
+    flat = np.flatnonzero(p >= (pmax * _CANDIDATE_FLOORS[level])[:, None])  # row-major, id order
     starts = np.searchsorted(flat, np.arange(n_rows + 1) * vocab)
     counts = np.diff(starts)  # >= 1: the largest p is always a candidate
     rows_of = np.repeat(np.arange(n_rows), counts)
-    ids = flat - rows_of * vocab
-    vals = p.ravel()[flat]
-    key = (rows_of << _KEY_SHIFT) | (_ONE_BITS - vals.view(np.int64))
-    key.sort()
-    desc = (_ONE_BITS - (key & ((1 << _KEY_SHIFT) - 1))).view(np.float64)  # per row, descending
-    # Where each row's mass crosses top_p, roughly (one running sum over all rows), then exactly
-    # over that many values plus one, per row from 0.
-    rough = np.cumsum(desc)
-    rough -= np.concatenate(([0.0], rough[starts[1:-1] - 1]))[rows_of]
-    k_rough = np.bincount(rows_of, rough < top_p[rows_of], minlength=n_rows).astype(np.int64)
-    width = int(min(k_rough.max() + 2, counts.max()))
     pos = np.arange(len(flat)) - starts[rows_of]
-    head = pos < width
-    sorted_p = np.zeros((n_rows, width))
-    sorted_p[rows_of[head], pos[head]] = desc[head]
-    cum = np.cumsum(sorted_p, axis=1)
+    cand = np.zeros((n_rows, int(counts.max())))  # each row's candidates in id order; 0 pads
+    cand[rows_of, pos] = p.ravel()[flat]
+    desc = np.sort(cand, axis=1)[:, ::-1]  # pads last
+    cum = np.cumsum(desc, axis=1)
     k = np.count_nonzero(cum < top_p[:, None], axis=1)  # searchsorted(cum, top_p)
-    found = k < np.minimum(counts, width)
-    kk = np.minimum(k, width - 1)
-    v = sorted_p[np.arange(n_rows), kk]  # each row's smallest kept probability
-    keep = vals > v[rows_of]
-    ties = vals == v[rows_of]
-    need = kk + 1 - np.bincount(rows_of, keep, minlength=n_rows).astype(np.int64)
+    found = k < counts
+    k = np.minimum(k, counts - 1)
+    v = desc[np.arange(n_rows), k][:, None]  # each row's smallest kept probability (> 0 = pads)
+    keep = cand > v
+    ties = cand == v
+    need = k + 1 - np.count_nonzero(keep, axis=1)
     keep |= ties
-    for r in np.flatnonzero(np.bincount(rows_of, ties, minlength=n_rows) > need).tolist():
-        extra = np.flatnonzero(ties[starts[r] : starts[r + 1]])[need[r] :]
-        keep[starts[r] + extra] = False  # equal probabilities: lower ids first
-    drawn: dict[int, int] = {}
+    for r in np.flatnonzero(np.count_nonzero(ties, axis=1) > need).tolist():
+        keep[r, np.flatnonzero(ties[r])[need[r] :]] = False  # equal probabilities: lower ids first
+    ids = np.zeros(cand.shape, dtype=np.int64)
+    ids[rows_of, pos] = flat - rows_of * vocab
+    drawn = _cdf_draw(np.where(keep, cand, 0.0), ids, u)
     short = np.flatnonzero(~found)  # the candidates' mass fell short of top_p
     if len(short) and level + 1 < len(_CANDIDATE_FLOORS):
         again = _nucleus_draw(p[short], pmax[short], top_p[short], u[short], level + 1)
-        drawn.update(zip(short.tolist(), again, strict=True))
-    elif len(short):
+        for r, tok in zip(short.tolist(), again, strict=True):
+            drawn[r] = tok
+    else:
         for r in short.tolist():  # the full stable sort
             kept = _stable_nucleus(p[r], float(top_p[r]))
             row = np.zeros(vocab)
             row[kept] = p[r, kept]
             drawn[r] = _cdf_draw(row[None], np.arange(vocab), u[r : r + 1])[0]
-    for r in short.tolist():
-        keep[starts[r] : starts[r + 1]] = False
-    kept_rows = rows_of[keep]
-    n_kept = np.bincount(kept_rows, minlength=n_rows)
-    kept_pos = np.arange(len(kept_rows)) - (np.cumsum(n_kept) - n_kept)[kept_rows]
-    kept_p = np.zeros((n_rows, max(int(n_kept.max()), 1)))
-    kept_p[kept_rows, kept_pos] = vals[keep]
-    kept_ids = np.zeros(kept_p.shape, dtype=np.int64)
-    kept_ids[kept_rows, kept_pos] = ids[keep]
-    toks = _cdf_draw(kept_p, kept_ids, u)
-    return [drawn.get(r, tok) for r, tok in enumerate(toks)]
+    return drawn
 
 
 def _stable_nucleus(p: np.ndarray, top_p: float) -> np.ndarray:

@@ -91,7 +91,8 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         results = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - start
     after = health(port)
-    d = {k: after[k] - before[k] for k in ("steps", "tokens", "decode_us", "sample_us", "deliver_us")}
+    keys = ("steps", "tokens", "prefill_us", "decode_us", "sample_us", "deliver_us")
+    d = {k: after[k] - before[k] for k in keys}
     lat = np.array([r[0] for r in results]) * 1000
     tokens = sum(r[1] for r in results)
     return {
@@ -104,6 +105,7 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         # The scheduler thread's share of the wall time: model steps, sampling, handing tokens over.
         "mean_batch": d["tokens"] / max(d["steps"], 1),
         "model_pct": d["decode_us"] / 1e4 / wall,
+        "prefill_pct": d["prefill_us"] / 1e4 / wall,
         "sample_pct": d["sample_us"] / 1e4 / wall,
         "deliver_pct": d["deliver_us"] / 1e4 / wall,
     }
@@ -152,7 +154,7 @@ def main() -> None:
                     f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
                     f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                     f"(median of {args.repeat}: {row['tok_s_each_round']}; batch {row['mean_batch']:.1f}, "
-                    f"model {row['model_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, "
+                    f"model {row['model_pct']:.0f}% + prefill {row['prefill_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, "
                     f"hand-over {row['deliver_pct']:.0f}% of wall)",
                     flush=True,
                 )
