@@ -93,7 +93,7 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
     wall = time.perf_counter() - start
     after = health(port)
     keys = ("steps", "tokens", "prefill_us", "decode_us", "sample_us", "deliver_us")
-    d = {k: after[k] - before[k] for k in keys}
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}  # prefill_us: not in older servers
     lat = np.array([r[0] for r in results]) * 1000
     tokens = sum(r[1] for r in results)
     return {
