@@ -75,7 +75,18 @@ def health(port: int) -> dict:
     return data
 
 
-def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: bool) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """A process's CPU time (user + system) from /proc, or None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_level(
+    port: int, clients: int, requests: int, max_tokens: int, greedy: bool, pid: int | None = None
+) -> dict:
     def client(c: int) -> list[tuple[float, int]]:
         out = []
         for r in range(requests):
@@ -87,10 +98,12 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
 
     one_request(port, {"prompt": "warm up", "max_tokens": 4})
     before = health(port)
+    cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds(pid)
     after = health(port)
     keys = ("steps", "tokens", "prefill_us", "decode_us", "sample_us", "deliver_us")
     d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}  # prefill_us: not in older servers
@@ -101,6 +114,11 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         "requests": len(results),
         "tokens": tokens,
         "tok_s": tokens / wall,
+        # Tokens per second of the server's own CPU time: less at the mercy of other jobs on the
+        # machine than wall time (a preempted server uses no CPU), though still slowed by them.
+        "tok_per_cpu_s": tokens / (cpu_after - cpu_before)
+        if cpu_before is not None and cpu_after > cpu_before
+        else 0.0,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         # The scheduler thread's share of the wall time: model steps, sampling, handing tokens over.
@@ -146,9 +164,9 @@ def main() -> None:
             for threads in settings:
                 for mode in modes:
                     for clients in levels:
-                        level = run_level(
-                            servers[threads][0], clients, args.requests, args.max_tokens, mode == "greedy"
-                        )
+                        port, proc = servers[threads]
+                        greedy = mode == "greedy"
+                        level = run_level(port, clients, args.requests, args.max_tokens, greedy, proc.pid)
                         runs.setdefault((mode, threads, clients), []).append(level)
     finally:
         for _, proc in servers.values():
@@ -170,6 +188,7 @@ def main() -> None:
                 if not args.json:
                     print(
                         f"{mode:8s} threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
+                        f"({row['tok_per_cpu_s']:.0f} per server CPU s)  "
                         f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                         f"(rounds {row['tok_s_each_round']}, x{levels[0]} client {row['x_first_level_each_round']}; "
                         f"batch {row['mean_batch']:.1f}, model {row['model_pct']:.0f}% + prefill "
