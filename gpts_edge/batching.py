@@ -1,13 +1,14 @@
 """Continuous batching: many sequences decoded together, one model step for all of them.
 
 One scheduler thread owns the model. Sequences are submitted from any thread; between two steps
-the scheduler admits waiting sequences into free rows (one prefill each), drops finished or
-cancelled ones, then runs one batched decode step for every active row and samples each row with
-its own ``SequenceSampler`` (the project's one sampler, its own seeded draws). A sequence therefore
-gets exactly the tokens it would get alone: the batched graph computes each row independently
-(tested bit for bit against batch-1 steps), and the sampling state is per sequence.
+the scheduler admits waiting sequences into free rows (those joining together with prompts of one
+length prefill in one run), drops finished or cancelled ones, then runs one batched decode step
+for every active row and samples all rows with one ``sample_rows`` pass, each row with its own
+``SequenceSampler`` state (options, history, seeded draws). A sequence therefore gets exactly
+the tokens it would get alone: the batched graph computes each row independently (tested bit for
+bit against batch-1 steps and prefills), and a row's token never depends on the other rows.
 
-    submit() ─> pending ─> admit: prefill row r ─> [decode all rows ─> sample each row]* ─> retire
+    submit() ─> pending ─> admit: prefill rows r.. ─> [decode all rows ─> sample all rows]* ─> retire
 
 Backends: ``BatchedDecoder`` (ONNX decode graph, all rows in one run) when the model has a decode
 graph; otherwise any Runtime's ``step`` per row (torch, GGUF, an ONNX export without the decode
@@ -29,7 +30,7 @@ import numpy as np
 
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
-from gpts_edge.sampling import SequenceSampler
+from gpts_edge.sampling import SequenceSampler, advance_rows
 
 MAX_LOGPROBS = 5
 MAX_SLOTS = 256  # each row holds a full-context KV slot (~1 MB for GPT-S-1.4M)
@@ -75,6 +76,9 @@ class _PerRowBackend:
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         logits, self.caches[row] = self.rt.step(np.asarray(ids, dtype=np.int64), self.rt.new_cache())
         return logits
+
+    def prefill_rows(self, first: int, prompts: list[list[int]]) -> np.ndarray:
+        return np.stack([self.prefill(first + i, ids) for i, ids in enumerate(prompts)])
 
     def decode(self, tokens: list[int]) -> np.ndarray:
         out = []
@@ -142,8 +146,8 @@ class Scheduler:
         # is its own, so the order of work does not change any token).
         self._pool_size = max(1, threads)
         self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
-        self.stats = {"steps": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
-        self.stats.update(decode_us=0, sample_us=0, deliver_us=0)
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
+        self.stats.update(prefill_us=0, decode_us=0, sample_us=0, deliver_us=0)
         self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -196,17 +200,19 @@ class Scheduler:
             seq.on_done(reason, err)
 
     @staticmethod
-    def _sample(seq: Sequence, logits: np.ndarray) -> TokenEvent:
-        """The row's next token (touches only this sequence: safe on a pool thread)."""
-        tok = seq.sampler.advance(logits)
-        event = TokenEvent(tok)
-        if seq.logprobs is not None:
-            lp = _log_softmax(logits)
-            event.logprob = float(lp[tok])
-            if seq.logprobs:
-                top = np.argsort(-lp, kind="stable")[: seq.logprobs]
-                event.top = [(int(t), float(lp[t])) for t in top]
-        return event
+    def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
+        """The rows' next tokens, one ``sample_rows`` pass for all of them (touches only these
+        sequences: safe on a pool thread). ``logits``: (rows, vocab), row i for ``seqs[i]``."""
+        toks = advance_rows([seq.sampler for seq in seqs], logits)
+        events = [TokenEvent(tok) for tok in toks]
+        for i, seq in enumerate(seqs):
+            if seq.logprobs is not None:  # only when asked: a log-softmax over the vocabulary
+                lp = _log_softmax(logits[i])
+                events[i].logprob = float(lp[toks[i]])
+                if seq.logprobs:
+                    top = np.argsort(-lp, kind="stable")[: seq.logprobs]
+                    events[i].top = [(int(t), float(lp[t])) for t in top]
+        return events
 
     def _deliver(self, seq: Sequence, event: TokenEvent) -> None:
         self.stats["tokens"] += 1
@@ -221,20 +227,17 @@ class Scheduler:
             eos = s.opts.stop_at_eos and event.token == s.eos_id
             self._finish(seq, "stop" if eos else "length")
 
-    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        self._deliver(seq, self._sample(seq, logits))
-
-    def _sample_rows(self, rows: list[tuple[Sequence, np.ndarray]]) -> list[TokenEvent]:
-        """Sample every row; with several threads, numpy's GIL-free inner loops overlap."""
-        if self._pool is None or len(rows) < 2:
-            return [self._sample(seq, logits) for seq, logits in rows]
-        k = self._pool_size
-        parts = [rows[i::k] for i in range(k)]
-        done = list(self._pool.map(lambda part: [self._sample(seq, lg) for seq, lg in part], parts))
-        events: list[TokenEvent] = [None] * len(rows)  # type: ignore[list-item]
-        for i, part in enumerate(done):
-            events[i::k] = part
-        return events
+    def _sample_rows(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
+        """Sample every row; with several threads, contiguous slices of the batch at once (numpy
+        releases the GIL in its loops). A row's token does not depend on which slice it is in."""
+        k = min(self._pool_size, len(seqs))
+        if self._pool is None or k < 2:
+            return self._sample(seqs, logits)
+        cuts = [len(seqs) * i // k for i in range(k + 1)]
+        parts = self._pool.map(
+            lambda i: self._sample(seqs[cuts[i] : cuts[i + 1]], logits[cuts[i] : cuts[i + 1]]), range(k)
+        )
+        return [event for part in parts for event in part]
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; the last active row moves into each freed row."""
@@ -271,12 +274,15 @@ class Scheduler:
                     break
                 calls = list(self._calls)
                 self._calls.clear()
-                while self._pending and len(self._active) < self.slots:
+                joining = []
+                while self._pending and len(self._active) + len(joining) < self.slots:
                     seq = self._pending.popleft()
                     if seq.cancelled or seq.sampler.done:
                         self._finish(seq, "stop" if seq.cancelled else "length")
                         continue
-                    self._active.append(seq)
+                    joining.append(seq)
+                # Prompts of one length side by side: they prefill in one run.
+                self._active.extend(sorted(joining, key=lambda s: len(s.sampler.feed)))
             self._run_calls(calls)
             self._step()
             self._after_step()
@@ -284,14 +290,40 @@ class Scheduler:
             self._finish(seq, None, GptsError("the server is shutting down"))
         self._after_step()
 
+    def _prefill(self) -> None:
+        """Rows that start (new, or sliding past the context) read their tokens first; adjacent
+        rows with as many tokens to read share one run. A prompt longer than the context slides
+        right after its first token, so this repeats until no row is left to start."""
+        while True:
+            runs: list[list[int]] = []  # [first row, rows]
+            for row, seq in enumerate(self._active):
+                s = seq.sampler
+                if not s.reset or seq.finished or s.done:
+                    continue
+                last = runs[-1] if runs else None
+                if (
+                    last
+                    and last[0] + last[1] == row
+                    and len(self._active[last[0]].sampler.feed) == len(s.feed)
+                ):
+                    last[1] += 1
+                else:
+                    runs.append([row, 1])
+            if not runs:
+                return
+            for first, n in runs:
+                seqs = self._active[first : first + n]
+                t = time.perf_counter()
+                logits = self.backend.prefill_rows(first, [seq.sampler.feed for seq in seqs])
+                self.stats["prefill_us"] += int((time.perf_counter() - t) * 1e6)
+                self.stats["prefills"] += 1
+                for seq, event in zip(seqs, self._sample_rows(seqs, logits), strict=True):
+                    self._deliver(seq, event)
+
     def _step(self) -> None:
         self._retire()
         try:
-            # Rows that start (new, or sliding past the context) read their tokens first.
-            for row, seq in enumerate(self._active):
-                # A full prompt slides right after its first token: read the kept tokens too.
-                while seq.sampler.reset and not (seq.finished or seq.sampler.done):
-                    self._advance(seq, self.backend.prefill(row, seq.sampler.feed))
+            self._prefill()
             self._retire()
             if not self._active:
                 return
@@ -300,10 +332,11 @@ class Scheduler:
             t1 = time.perf_counter()
             self.stats["steps"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(self._active))
-            rows = [(seq, logits[row]) for row, seq in enumerate(self._active) if not seq.finished]
-            events = self._sample_rows(rows)
+            live = [row for row, seq in enumerate(self._active) if not seq.finished]
+            seqs = [self._active[row] for row in live]
+            events = self._sample_rows(seqs, logits if len(live) == len(logits) else logits[live])
             t2 = time.perf_counter()
-            for (seq, _), event in zip(rows, events, strict=True):
+            for seq, event in zip(seqs, events, strict=True):
                 self._deliver(seq, event)
             self._retire()
             # Where a decode step's time goes (microseconds, summed): the model, the sampler, the rest.

@@ -9,8 +9,9 @@ sequence can join or leave between steps without touching the others:
 
 Exports declare the decode graph's batch as 1 (the project's runtime steps one sequence), but
 every op in it is batch-generic; the graph is loaded once with that dimension made symbolic,
-which needs the ``onnx`` package (the ``serve`` extra installs it). Prefill is one batch-1 run
-bound to the sequence's slot, then the sequence decodes with the others.
+which needs the ``onnx`` package (the ``serve`` extra installs it). Sequences that start together
+with prompts of one length prefill in one run into their (adjacent) slots; a lone one prefills
+with batch 1. Then they decode with the others.
 """
 
 from __future__ import annotations
@@ -102,22 +103,32 @@ class BatchedDecoder:
 
     def prefill(self, row: int, ids: list[int]) -> np.ndarray:
         """Read ``ids`` into slot ``row`` from an empty cache; the next-token logits (vocab,)."""
-        n = len(ids)
-        if not 1 <= n <= self.config.context_length:
-            raise GptsError(f"prefill: expected 1..{self.config.context_length} tokens, found {n}")
+        return self.prefill_rows(row, [ids])[0]
+
+    def prefill_rows(self, first: int, prompts: list[list[int]]) -> np.ndarray:
+        """Read prompts of one length into slots first, first + 1, ... from empty caches, in one
+        run; their next-token logits (rows, vocab). Rows of different lengths cannot share a run:
+        the graph's logits are the last position's, and its rotary positions start at 0 per row,
+        so neither right nor left padding gives each row its own result."""
+        n, length = len(prompts), len(prompts[0])
+        if not 1 <= length <= self.config.context_length or any(len(p) != length for p in prompts):
+            raise GptsError(
+                f"prefill: expected prompts of one length in 1..{self.config.context_length}, "
+                f"found lengths {sorted({len(p) for p in prompts})}"
+            )
         io = self.session.io_binding()
-        arr = np.asarray(ids, dtype=np.int64).reshape(1, n)
-        seqlens = np.array([n - 1], dtype=np.int32)
-        total = np.array(n, dtype=np.int32)
-        logits = np.zeros((1, 1, self.config.vocab_size), dtype=np.float32)
-        io.bind_input(ONNX_INPUT_IDS, "cpu", 0, np.int64, [1, n], arr.ctypes.data)
-        io.bind_input(SEQLENS_K, "cpu", 0, np.int32, [1], seqlens.ctypes.data)
+        arr = np.asarray(prompts, dtype=np.int64).reshape(n, length)
+        seqlens = np.full(n, length - 1, dtype=np.int32)
+        total = np.array(length, dtype=np.int32)
+        logits = np.zeros((n, 1, self.config.vocab_size), dtype=np.float32)
+        io.bind_input(ONNX_INPUT_IDS, "cpu", 0, np.int64, [n, length], arr.ctypes.data)
+        io.bind_input(SEQLENS_K, "cpu", 0, np.int32, [n], seqlens.ctypes.data)
         io.bind_input(TOTAL_LENGTH, "cpu", 0, np.int32, [], total.ctypes.data)
-        io.bind_output(ONNX_LOGITS, "cpu", 0, np.float32, [1, 1, self.config.vocab_size], logits.ctypes.data)
-        self._bind_kv(io, slice(row, row + 1), 1)
+        io.bind_output(ONNX_LOGITS, "cpu", 0, np.float32, [n, 1, self.config.vocab_size], logits.ctypes.data)
+        self._bind_kv(io, slice(first, first + n), n)
         self.session.run_with_iobinding(io)
-        self.lengths[row] = n
-        return logits[0, 0]
+        self.lengths[first : first + n] = length
+        return logits[:, 0]
 
     def decode(self, tokens: list[int]) -> np.ndarray:
         """One token for each of rows 0..B-1 (B = len(tokens)); their logits (B, vocab), a view

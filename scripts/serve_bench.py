@@ -3,13 +3,14 @@ concurrency levels, for 1 thread and for all cores. Each setting starts its own 
 (so the clients, in this process, do not share its interpreter) on a free loopback port.
 
     python scripts/serve_bench.py [--clients 1,4,16,64] [--threads 1,all] [--max-tokens 64]
-                                  [--requests 4] [--repeat 3] [--greedy] [--json]
+                                  [--requests 4] [--repeat 3] [--modes defaults,greedy] [--json]
 
 Every client sends --requests completions one after another (prompt "The future of AI is",
-seed = a distinct number per request, the model's sampling defaults unless --greedy); a level's
-figures are over all its requests: tokens/s = completion tokens / wall time of the level, latency
-= each request's wall time (p50, p99); the levels run in turn --repeat times and the medians are
-reported.
+seed = a distinct number per request; mode "defaults": the model's sampling defaults, "greedy":
+temperature 0); a level's figures are over all its requests: tokens/s = completion tokens / wall
+time of the level, latency = each request's wall time (p50, p99). Each of --repeat rounds runs
+every thread setting, mode and level in turn (the servers start once, up front); medians are
+reported, with each round's figure and its ratio to the first level of the same round.
 """
 
 from __future__ import annotations
@@ -74,7 +75,18 @@ def health(port: int) -> dict:
     return data
 
 
-def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: bool) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """A process's CPU time (user + system) from /proc, or None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def run_level(
+    port: int, clients: int, requests: int, max_tokens: int, greedy: bool, pid: int | None = None
+) -> dict:
     def client(c: int) -> list[tuple[float, int]]:
         out = []
         for r in range(requests):
@@ -86,12 +98,15 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
 
     one_request(port, {"prompt": "warm up", "max_tokens": 4})
     before = health(port)
+    cpu_before = cpu_seconds(pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [x for xs in pool.map(client, range(clients)) for x in xs]
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds(pid)
     after = health(port)
-    d = {k: after[k] - before[k] for k in ("steps", "tokens", "decode_us", "sample_us", "deliver_us")}
+    keys = ("steps", "tokens", "prefill_us", "decode_us", "sample_us", "deliver_us")
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}  # prefill_us: not in older servers
     lat = np.array([r[0] for r in results]) * 1000
     tokens = sum(r[1] for r in results)
     return {
@@ -99,11 +114,17 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, greedy: b
         "requests": len(results),
         "tokens": tokens,
         "tok_s": tokens / wall,
+        # Tokens per second of the server's own CPU time: less at the mercy of other jobs on the
+        # machine than wall time (a preempted server uses no CPU), though still slowed by them.
+        "tok_per_cpu_s": tokens / (cpu_after - cpu_before)
+        if cpu_before is not None and cpu_after > cpu_before
+        else 0.0,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         # The scheduler thread's share of the wall time: model steps, sampling, handing tokens over.
         "mean_batch": d["tokens"] / max(d["steps"], 1),
         "model_pct": d["decode_us"] / 1e4 / wall,
+        "prefill_pct": d["prefill_us"] / 1e4 / wall,
         "sample_pct": d["sample_us"] / 1e4 / wall,
         "deliver_pct": d["deliver_us"] / 1e4 / wall,
     }
@@ -115,47 +136,66 @@ def main() -> None:
     ap.add_argument("--threads", default="1,all", help="comma list; 'all' = every core")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
-    ap.add_argument("--greedy", action="store_true", help="temperature 0 (the sampler's cheapest path)")
+    ap.add_argument("--modes", default="defaults", help="comma list of defaults, greedy")
+    ap.add_argument("--greedy", action="store_true", help="same as --modes greedy")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    modes = ["greedy"] if args.greedy else args.modes.split(",")
+    if not set(modes) <= {"defaults", "greedy"}:
+        raise SystemExit(f"--modes: expected defaults and/or greedy, found {args.modes}")
     report = {
         "cpu_count": os.cpu_count(),
         "load_avg_start": os.getloadavg(),
         "settings": vars(args),
         "runs": [],
     }
-    for t in args.threads.split(","):
-        threads = (os.cpu_count() or 1) if t == "all" else int(t)
-        port = free_port()
-        proc = start_server(port, threads, parallel=max(levels))
-        runs: dict[int, list[dict]] = {c: [] for c in levels}
-        try:
-            # Levels in turn, --repeat rounds, so a change in the machine's load hits every level.
-            for _ in range(args.repeat):
-                for clients in levels:
-                    runs[clients].append(
-                        run_level(port, clients, args.requests, args.max_tokens, args.greedy)
-                    )
-        finally:
+    settings = [(os.cpu_count() or 1) if t == "all" else int(t) for t in args.threads.split(",")]
+    servers: dict[int, tuple[int, subprocess.Popen]] = {}
+    runs: dict[tuple[str, int, int], list[dict]] = {}
+    try:
+        for threads in settings:  # all servers up front: an idle one waits and uses no CPU
+            port = free_port()
+            servers[threads] = (port, start_server(port, threads, parallel=max(levels)))
+        # Every round runs every setting, mode and level in turn, so a change in the machine's load
+        # hits them all; ratios between levels are taken within a round.
+        for _ in range(args.repeat):
+            for threads in settings:
+                for mode in modes:
+                    for clients in levels:
+                        port, proc = servers[threads]
+                        greedy = mode == "greedy"
+                        level = run_level(port, clients, args.requests, args.max_tokens, greedy, proc.pid)
+                        runs.setdefault((mode, threads, clients), []).append(level)
+    finally:
+        for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=20)
-        for clients in levels:
-            rows = runs[clients]
-            row = {"threads": threads, "clients": clients}
-            row.update({k: float(np.median([r[k] for r in rows])) for k in rows[0] if k != "clients"})
-            row["tok_s_each_round"] = [round(r["tok_s"]) for r in rows]
-            report["runs"].append(row)
-            if not args.json:
-                print(
-                    f"threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
-                    f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                    f"(median of {args.repeat}: {row['tok_s_each_round']}; batch {row['mean_batch']:.1f}, "
-                    f"model {row['model_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, "
-                    f"hand-over {row['deliver_pct']:.0f}% of wall)",
-                    flush=True,
-                )
+    for mode in modes:
+        for threads in settings:
+            single = runs[(mode, threads, levels[0])]
+            for clients in levels:
+                rounds = runs[(mode, threads, clients)]
+                row = {"mode": mode, "threads": threads, "clients": clients}
+                row.update({k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if k != "clients"})
+                row["tok_s_each_round"] = [round(r["tok_s"]) for r in rounds]
+                # Against the first level (one client) of the same round, setting and mode.
+                row["x_first_level_each_round"] = [
+                    round(r["tok_s"] / s["tok_s"], 2) for r, s in zip(rounds, single, strict=True)
+                ]
+                report["runs"].append(row)
+                if not args.json:
+                    print(
+                        f"{mode:8s} threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
+                        f"({row['tok_per_cpu_s']:.0f} per server CPU s)  "
+                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                        f"(rounds {row['tok_s_each_round']}, x{levels[0]} client {row['x_first_level_each_round']}; "
+                        f"batch {row['mean_batch']:.1f}, model {row['model_pct']:.0f}% + prefill "
+                        f"{row['prefill_pct']:.0f}%, sampler {row['sample_pct']:.0f}%, hand-over "
+                        f"{row['deliver_pct']:.0f}% of wall)",
+                        flush=True,
+                    )
     report["load_avg_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(report, indent=2))

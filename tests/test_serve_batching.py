@@ -122,6 +122,39 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, thread
     assert stats["max_batch"] == 4 and stats["active"] == 0
 
 
+def test_batched_prefill_rows_equal_batch_one_prefills(rt) -> None:
+    rng = np.random.default_rng(4)
+    together, alone = BatchedDecoder(rt, slots=6), BatchedDecoder(rt, slots=6)
+    for length in (1, 7, 384):
+        prompts = [list(map(int, rng.integers(1, 4096, length))) for _ in range(4)]
+        got = together.prefill_rows(1, prompts)
+        want = np.stack([alone.prefill(1 + i, p) for i, p in enumerate(prompts)])
+        assert np.array_equal(got, want), length  # measured: bit for bit
+        assert np.array_equal(together.kv[:, :, 1:5, :, :length], alone.kv[:, :, 1:5, :, :length])
+    with pytest.raises(GptsError, match="one length"):
+        together.prefill_rows(0, [[1, 2], [3]])
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-decode-graph", "per-row-steps"])
+def test_sequences_joining_together_share_a_prefill_per_prompt_length(rt, batched) -> None:
+    tok = rt.tokenizer
+    texts = ["Once upon a time", "The future of AI is", "Once upon a time", "The future of AI is", "x"]
+    opts = sampling_options(rt.generation_config, max_new_tokens=6)
+    cases = [(tok.encode(t).ids, 40 + i) for i, t in enumerate(texts)]
+    assert len({len(ids) for ids, _ in cases}) == 3
+    sch = Scheduler(rt, slots=8, batched=batched)
+    try:
+        col = _Collect()
+        sch.submit([col.seq(k, _sampler(rt, ids, opts, seed)) for k, (ids, seed) in enumerate(cases)])
+        assert col.done.wait(60)
+        stats = sch.load()
+    finally:
+        sch.close()
+    assert stats["prefills"] == 3  # one run per prompt length, in the same step
+    for k, (ids, seed) in enumerate(cases):
+        assert col.tokens[k] == list(generate_ids(rt, ids, opts, seed=seed)), k
+
+
 def test_a_full_queue_refuses_new_sequences(rt) -> None:
     sch = Scheduler(rt, slots=1, max_queue=1)
     opts = sampling_options(rt.generation_config, max_new_tokens=10_000)
@@ -159,23 +192,6 @@ def test_bad_scheduler_settings_are_clear_errors(rt) -> None:
         Scheduler(rt, slots=10_000)
     with pytest.raises(GptsError, match="--max-queue"):
         Scheduler(rt, max_queue=-1)
-
-
-def test_nucleus_of_a_partial_sort_equals_the_full_stable_sort() -> None:
-    from gpts_edge.sampling import _nucleus
-
-    rng = np.random.default_rng(3)
-    for i in range(400):
-        scale = [0.3, 2.0, 8.0][i % 3]
-        x = rng.standard_normal(4096) * scale
-        if i % 4 == 0:
-            x = np.round(x)  # many exact ties at the boundary
-        p = np.exp(x - x.max())
-        p /= p.sum()
-        top_p = [0.5, 0.9, 0.95, 0.999][i % 4]
-        order = np.argsort(-p, kind="stable")
-        want = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        assert np.array_equal(_nucleus(p, top_p), want), i
 
 
 def test_torch_runtime_is_scheduled_per_row_with_the_same_tokens(tiny_checkpoint) -> None:
