@@ -30,9 +30,10 @@ from gpts_edge.runtimes.onnx import OnnxRuntime, session_options
 
 
 def decode_graph_path(runtime: OnnxRuntime) -> Path | None:
-    """The decode flavour beside the runtime's model file, when the export wrote one."""
-    path = runtime.model_path.with_name(f"{runtime.model_path.stem}{DECODE_SUFFIX}")
-    return path if path.is_file() else None
+    """The decode flavour the runtime steps with, when the export wrote one that is usable (the
+    runtime has already skipped a stale one, whose offsets into model.onnx would read other bytes)."""
+    path = runtime.step_path
+    return path if path.name.endswith(DECODE_SUFFIX) else None
 
 
 def _batch_symbolic(path: Path) -> bytes:
