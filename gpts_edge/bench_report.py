@@ -72,10 +72,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
     m = report["meta"]
     if any("accuracy_reference" in e for e in res.values()):
-        lines.append(
-            "top-1 / KL: against PyTorch fp32 on the parity text; llama.cpp rows against the "
-            "plain-GQA weights they run (no XSA)"
-        )
+        note = "top-1 / KL: against PyTorch fp32 on the parity text"
+        if any(name.startswith("llamacpp") for name in res):
+            note += "; llama.cpp rows against the plain-GQA weights they run (no XSA)"
+        lines.append(note)
     rows = m.get("ratios", {})
     if rows:
         lines.append("")
