@@ -5,6 +5,7 @@ A tiny model keeps each worker process short."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,16 @@ def test_bench_skips_every_llamacpp_runtime_with_one_note_when_llama_cpp_is_miss
     monkeypatch.setattr(bench, "llama_cpp_installed", lambda: False)
     logged: list[str] = []
     report = bench.run_bench(
-        str(model), ["gguf", *PEERS], prompt_tokens=8, new_tokens=4, repeat=1, log=logged.append
+        str(model), ["gguf", *PEERS], threads=0, prompt_tokens=8, new_tokens=4, repeat=1, log=logged.append
     )
     assert set(report["results"]) == {"gguf"}
+    assert report["meta"]["threads"] == os.cpu_count()  # --threads 0: every core
     assert set(report["meta"]["skipped"]) == set(PEERS)
     skip_lines = [m for m in logged if m.startswith("skip")]
     assert len(skip_lines) == 1 and all(p in skip_lines[0] for p in PEERS)
     table_skips = [ln for ln in format_table(report).splitlines() if ln.startswith("skipped")]
     assert table_skips == [f"skipped {', '.join(PEERS)}: {bench.NOT_INSTALLED}"]
-    # No peer ran, so no ratio against one and no target.
+    # No peer ran (and not at 1 thread), so no target.
     assert report["meta"]["targets"] == []
 
 
