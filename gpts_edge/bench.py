@@ -12,7 +12,10 @@ and its own peak RSS and cold start are measured alone. Each worker:
   prefill_ms_384  one call with 384 tokens and an empty cache
   peak_rss_mb     the worker's peak resident set size
 
-Figures are the median (and min/max) over --repeat workers.
+Figures are the median (and min/max) over --repeat workers. Beside them each runtime carries
+the accuracy of its file (top-1 and mean KL against PyTorch fp32 on the parity text, measured
+once per file: gpts_edge/bench_accuracy.py), and each ONNX runtime is compared with llama.cpp at
+its own precision (gpts_edge/bench_llamacpp.py, gpts_edge/bench_report.py).
 """
 
 from __future__ import annotations
