@@ -12,7 +12,10 @@ and its own peak RSS and cold start are measured alone. Each worker:
   prefill_ms_384  one call with 384 tokens and an empty cache
   peak_rss_mb     the worker's peak resident set size
 
-Figures are the median (and min/max) over --repeat workers.
+Figures are the median (and min/max) over --repeat workers. Beside them each runtime carries
+the accuracy of its file (top-1 and mean KL against PyTorch fp32 on the parity text, measured
+once per file: gpts_edge/bench_accuracy.py), and each ONNX runtime is compared with llama.cpp at
+its own precision (gpts_edge/bench_llamacpp.py, gpts_edge/bench_report.py).
 """
 
 from __future__ import annotations
@@ -29,9 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpts_edge.bench_accuracy import onnx_parity, text_accuracy
+from gpts_edge.bench_llamacpp import (
+    LLAMACPP_QUANTS,
+    NOT_INSTALLED,
+    LlamaCppRuntime,
+    llama_cpp_installed,
+    plain_checkpoint,
+    prepare_llamacpp,
+)
+from gpts_edge.bench_report import format_table, ratios
 from gpts_edge.errors import GptsError
 
-ALL_RUNTIMES = ("onnx", "onnx-int8", "onnx-int4", "torch", "gguf", "llamacpp")
+__all__ = ["ALL_RUNTIMES", "FIGURES", "format_table", "run_bench", "train_bench"]
+
+ALL_RUNTIMES = (
+    "onnx",
+    "onnx-int8",
+    "onnx-int4",
+    "torch",
+    "gguf",
+    "llamacpp",
+    "llamacpp-q8_0",
+    "llamacpp-q4_0",
+)
 FIGURES = ("decode_tokens_per_s", "prefill_ms_384", "ttft_ms", "cold_start_ms", "peak_rss_mb", "model_bytes")
 
 # Fixed prompt text: the prompt is its first --prompt-tokens tokens (repeated if needed).
@@ -47,6 +71,8 @@ class Prepared:
     path: str  # what the worker opens
     model_bytes: int
     note: str = ""
+    # top1_agreement, mean_kl and what they are measured against; None: not measured
+    accuracy: dict[str, Any] | None = None
 
 
 def _cache_root() -> Path:
@@ -56,41 +82,89 @@ def _cache_root() -> Path:
 
 
 def prepare(runtime: str, model: str | None, log: Callable[[str], None]) -> Prepared:
-    """Export what ``runtime`` needs (cached by checkpoint hash) and check parity first."""
-    from gpts_edge.checkpoint import resolve_model_dir, weights_sha256
+    """Export what ``runtime`` needs (cached by checkpoint hash), check parity first (ONNX) and
+    measure the file's accuracy on the parity text (cached per file)."""
+    from gpts_edge.checkpoint import resolve_model_dir
 
     ckpt = resolve_model_dir(model)
     if runtime == "torch":
-        return Prepared(runtime, str(ckpt), (ckpt / "model.safetensors").stat().st_size)
+        # The reference itself: top-1 1 and KL 0 by definition, not measured.
+        return Prepared(
+            runtime,
+            str(ckpt),
+            (ckpt / "model.safetensors").stat().st_size,
+            accuracy={"top1_agreement": 1.0, "mean_kl": 0.0, "reference": "is the reference"},
+        )
     if runtime.startswith("onnx"):
         from gpts_edge.api import cached_export
-        from gpts_edge.parity import parity_report
 
         quant = runtime.split("-")[1] if "-" in runtime else "none"
         # The one export cache (keyed by checkpoint, quantization and graph version); the runtime
         # steps with its decode flavour (model.decode.onnx).
         log(f"{runtime}: exporting (cached after the first time)")
         out = cached_export(ckpt, quantize=quant)
-        report = parity_report("onnx", ckpt, quantize=quant)
-        if not report["ok"]:
-            failed = [r["check"] for r in report["rows"] if not r["ok"]]
-            raise GptsError(
-                f"{runtime}: the graph fails parity ({', '.join(failed)}); refusing to benchmark it"
-            )
-        return Prepared(runtime, str(out.parent), _onnx_bytes(out.parent))
-    if runtime not in ("gguf", "llamacpp"):
+        log(f"{runtime}: parity against torch (cached per graph)")
+        acc = onnx_parity(runtime, out.parent, ckpt, quant, _gguf_root(ckpt))
+        return Prepared(runtime, str(out.parent), _onnx_bytes(out.parent), accuracy=_acc(acc, "torch fp32"))
+    if runtime != "gguf" and runtime not in LLAMACPP_QUANTS:
         raise GptsError(f"--runtimes: unknown runtime {runtime!r}; choose from {', '.join(ALL_RUNTIMES)}")
     # GGUF files are not ONNX exports: they keep their own folder, keyed by the weights.
-    root = _cache_root() / weights_sha256(ckpt)[:16]
-    root.mkdir(exist_ok=True)
+    root = _gguf_root(ckpt)
     if runtime == "gguf":
         from gpts_edge.export.gguf import export_gguf
+        from gpts_edge.runtimes.gguf import GGUFRuntime
 
         out = root / "model-f32.gguf"
         if not out.is_file():
             export_gguf(str(ckpt), out, quant="f32", log=log)
-        return Prepared(runtime, str(out), out.stat().st_size)
-    return _prepare_llamacpp(ckpt, root, log)
+        acc = _accuracy(runtime, out, ckpt, lambda: GGUFRuntime(out), root, log, "torch fp32")
+        return Prepared(runtime, str(out), out.stat().st_size, accuracy=acc)
+    out = prepare_llamacpp(runtime, ckpt, root, log)
+    plain = plain_checkpoint(ckpt, root)
+    acc = _accuracy(
+        runtime,
+        out,
+        plain,
+        lambda: LlamaCppRuntime(out, threads=1, scoring=True),
+        root,
+        log,
+        "torch fp32 of the plain-GQA weights",
+    )
+    return Prepared(runtime, str(out), out.stat().st_size, note="plain-GQA weights (no XSA)", accuracy=acc)
+
+
+def _gguf_root(ckpt: Path) -> Path:
+    from gpts_edge.checkpoint import weights_sha256
+
+    root = _cache_root() / weights_sha256(ckpt)[:16]
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _acc(figures: dict[str, Any], reference: str) -> dict[str, Any]:
+    return {
+        "top1_agreement": figures["top1_agreement"],
+        "mean_kl": figures["mean_kl"],
+        "reference": reference,
+    }
+
+
+def _accuracy(
+    runtime: str,
+    file: Path,
+    reference: Path,
+    open_rt: Callable[[], Any],
+    root: Path,
+    log: Callable[[str], None],
+    label: str,
+) -> dict[str, Any] | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        log(f"{runtime}: no accuracy column (it needs PyTorch for the reference logits)")
+        return None
+    log(f"{runtime}: accuracy on the parity text (cached per file)")
+    return _acc(text_accuracy(file, reference, open_rt, root, runtime), label)
 
 
 def _onnx_bytes(folder: Path) -> int:
@@ -99,27 +173,6 @@ def _onnx_bytes(folder: Path) -> int:
         for p in folder.iterdir()
         if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")
     )
-
-
-def _prepare_llamacpp(ckpt: Path, root: Path, log: Callable[[str], None]) -> Prepared:
-    """llama.cpp cannot run XSA: it runs the same weights as a plain-GQA llama model, which has
-    the same size and the same per-token work minus the XSA projection."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise GptsError(
-            "llamacpp: llama-cpp-python is not installed (pip install llama-cpp-python)"
-        ) from None
-    from gpts_edge.checkpoint import load_checkpoint, save_checkpoint
-    from gpts_edge.export.gguf import export_gguf
-
-    out = root / "llama-plain-gqa-f32.gguf"
-    if not out.is_file():
-        src = load_checkpoint(ckpt)
-        plain = root / "plain-gqa-checkpoint"
-        save_checkpoint(plain, src.config.replace(exclusive_attention=False), src.weights, src.tokenizer_path)
-        export_gguf(str(plain), out, quant="f32", arch="llama", log=log)
-    return Prepared("llamacpp", str(out), out.stat().st_size, note="plain-GQA weights (no XSA)")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -136,17 +189,19 @@ def run_bench(
     repeat: int = 5,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    prepared: list[Prepared] = []
+    """Every runtime in ``runtimes`` measured in one run; ``threads`` 0 means every core."""
+    unknown = [r for r in runtimes if r not in ALL_RUNTIMES]
+    if unknown:
+        raise GptsError(f"--runtimes: unknown runtime {unknown[0]!r}; choose from {', '.join(ALL_RUNTIMES)}")
+    threads = threads or os.cpu_count() or 1
     skipped: dict[str, str] = {}
-    for name in runtimes:
-        try:
-            prepared.append(prepare(name, model, log))
-        except GptsError as exc:
-            if name == "llamacpp" and "not installed" in str(exc):
-                skipped[name] = str(exc)
-                log(f"skip {name}: {exc}")
-                continue
-            raise
+    peers = [r for r in runtimes if r in LLAMACPP_QUANTS]
+    if peers and not llama_cpp_installed():
+        # One note for all of llama.cpp's runtimes, and the rest of the run goes on.
+        log(f"skip {', '.join(peers)}: {NOT_INSTALLED}")
+        skipped = dict.fromkeys(peers, NOT_INSTALLED)
+        runtimes = [r for r in runtimes if r not in skipped]
+    prepared = [prepare(name, model, log) for name in runtimes]
     samples: dict[str, list[dict[str, float]]] = {p.name: [] for p in prepared}
     for r in range(repeat):
         for p in prepared:
@@ -161,6 +216,10 @@ def run_bench(
             entry[fig] = round(st["median"], 3)
             entry[f"{fig}_min"] = round(st["min"], 3)
             entry[f"{fig}_max"] = round(st["max"], 3)
+        if p.accuracy:
+            entry["top1_agreement"] = round(p.accuracy["top1_agreement"], 5)
+            entry["mean_kl"] = float(f"{p.accuracy['mean_kl']:.4g}")
+            entry["accuracy_reference"] = p.accuracy["reference"]
         if p.note:
             entry["note"] = p.note
         results[p.name] = entry
@@ -171,8 +230,10 @@ def run_bench(
         "repeat": repeat,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "time_utc": time.strftime("%H:%M:%S", time.gmtime()),
         "skipped": skipped,
     }
+    meta.update(ratios(results, threads))
     return {"results": results, "meta": meta}
 
 
@@ -215,37 +276,6 @@ def _machine() -> str:
     import onnxruntime
 
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    res = report["results"]
-    head = f"{'runtime':<11} {'decode tok/s':>14} {'prefill384 ms':>14} {'ttft ms':>9} {'cold ms':>9} {'RSS MB':>8} {'file MB':>8}"
-    lines = [head, "-" * len(head)]
-    for name, e in res.items():
-        lines.append(
-            f"{name:<11} {e['decode_tokens_per_s']:>14.1f} {e['prefill_ms_384']:>14.2f} {e['ttft_ms']:>9.2f} "
-            f"{e['cold_start_ms']:>9.0f} {e['peak_rss_mb']:>8.1f} {e['model_bytes'] / 1e6:>8.2f}"
-        )
-    base = res.get("llamacpp")
-    if base:
-        lines.append("")
-        for name, e in res.items():
-            if name != "llamacpp":
-                lines.append(
-                    f"{name:<11} decode {e['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x llama.cpp, "
-                    f"prefill384 {e['prefill_ms_384'] / base['prefill_ms_384']:.2f}x llama.cpp's time"
-                )
-    if "torch" in res and "onnx" in res:
-        lines.append(
-            f"onnx decode {res['onnx']['decode_tokens_per_s'] / res['torch']['decode_tokens_per_s']:.1f}x torch eager"
-        )
-    m = report["meta"]
-    lines.append(
-        f"\n{m['machine']}; threads {m['threads']}; median of {m['repeat']} (min-max in --json); {m['date']}"
-    )
-    for name, why in m["skipped"].items():
-        lines.append(f"skipped {name}: {why}")
-    return "\n".join(lines)
 
 
 def train_bench(
@@ -316,42 +346,11 @@ def train_bench(
 
 # --- worker -----------------------------------------------------------------------------------
 def _open(name: str, path: str, threads: int) -> Any:
-    if name == "llamacpp":
-        return _LlamaCppRuntime(path, threads)
+    if name in LLAMACPP_QUANTS:
+        return LlamaCppRuntime(path, threads)
     from gpts_edge.api import open_runtime
 
     return open_runtime(name.split("-")[0], path, threads=threads)
-
-
-class _LlamaCppRuntime:
-    """llama-cpp-python with an f32 KV cache, driven one call per step like the others."""
-
-    def __init__(self, path: str, threads: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=384,
-            n_batch=384,
-            n_ubatch=384,
-            n_threads=threads,
-            n_threads_batch=threads,
-            type_k=llama_cpp.GGML_TYPE_F32,
-            type_v=llama_cpp.GGML_TYPE_F32,
-            logits_all=False,
-            verbose=False,
-        )
-        self.tokenizer = None
-
-    def new_cache(self) -> int:
-        self.llm.reset()
-        return 0
-
-    def step(self, tokens, cache):
-        self.llm.eval([int(t) for t in tokens])
-        # Only the last row of `scores` is written when logits_all is off; `eval_logits` would
-        # copy every row into Python lists on each call.
-        return self.llm.scores[self.llm.n_tokens - 1], cache + len(tokens)
 
 
 def _worker(name: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:

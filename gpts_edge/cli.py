@@ -358,9 +358,9 @@ def bench(
         str | None, typer.Option(help="Checkpoint directory (default: the bundled model).")
     ] = None,
     runtimes: Annotated[
-        str, typer.Option(help="Comma-separated: onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp")
-    ] = ("onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp"),
-    threads: Annotated[int, typer.Option(help="Threads per runtime.")] = 1,
+        str, typer.Option(help="Comma-separated: onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp[-q8_0|-q4_0]")
+    ] = ("onnx,onnx-int8,onnx-int4,torch,gguf,llamacpp,llamacpp-q8_0,llamacpp-q4_0"),
+    threads: Annotated[int, typer.Option(help="Threads per runtime (0: every core).")] = 1,
     prompt_tokens: Annotated[int, typer.Option()] = 32,
     new_tokens: Annotated[int, typer.Option()] = 256,
     repeat: Annotated[int, typer.Option(help="Workers per runtime; the median is reported.")] = 5,
@@ -377,8 +377,8 @@ def bench(
             typer.echo(json.dumps(result, indent=2))
             return
         names = [r.strip() for r in runtimes.split(",") if r.strip()]
-        if threads < 1 or repeat < 1 or new_tokens < 1 or prompt_tokens < 1:
-            raise GptsError("--threads, --repeat, --new-tokens and --prompt-tokens must be >= 1")
+        if threads < 0 or repeat < 1 or new_tokens < 1 or prompt_tokens < 1:
+            raise GptsError("--repeat, --new-tokens and --prompt-tokens must be >= 1, --threads >= 0")
         report = run_bench(
             model,
             names,
