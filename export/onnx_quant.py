@@ -59,7 +59,7 @@ class Int4Scheme:
     """
 
     block: int = 32
-    int8: tuple[str, ...] = ("embed",)
+    int8: tuple[str, ...] = ("embed", "o_proj")
     int8_block: int = 128
     asymmetric: bool = True
     gptq: bool = True
