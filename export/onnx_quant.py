@@ -51,15 +51,16 @@ class Int4Scheme:
 
     Weights are grouped as the graph fuses them: ``embed`` (the tied embedding and lm_head, one
     table read by GatherBlockQuantized and MatMulNBits), ``qkv_proj``, ``o_proj``,
-    ``gate_up_proj``, ``down_proj``. Groups named in ``int8`` are stored with 8 bits in blocks of
-    ``int8_block``, the rest with 4 bits in blocks of ``block``. ``asymmetric`` adds per-block zero
+    ``gate_up_proj``, ``down_proj``; a name matches that group in every layer, a graph name
+    (``layers.0/mlp/gate_up_proj``) one node. Groups named in ``int8`` are stored with 8 bits in
+    blocks of ``int8_block``, the rest with 4 bits in blocks of ``block``. ``asymmetric`` adds per-block zero
     points; ``gptq`` rounds the linear layers with GPTQ on calibration text (``act_order``: columns
     by decreasing Hessian diagonal); ``accuracy_level`` is MatMulNBits' (4: int8 activations
     inside the kernel, 0: float32).
     """
 
     block: int = 32
-    int8: tuple[str, ...] = ("embed", "o_proj")
+    int8: tuple[str, ...] = ("embed", "layers.0/mlp/gate_up_proj")
     int8_block: int = 128
     asymmetric: bool = True
     gptq: bool = True

@@ -48,13 +48,17 @@ def test_gptq_with_act_order_lowers_the_layer_output_error_of_round_to_nearest()
     assert qw.packed.shape == (48, 3, 16) and qw.scales.shape == (48, 3)
 
 
-def test_scheme_puts_the_tied_table_and_o_proj_at_8_bits_and_the_rest_at_4() -> None:
+def test_scheme_puts_the_tied_table_and_first_mlp_at_8_bits_and_the_rest_at_4() -> None:
     s = DEFAULT_INT4
     assert (s.bits_for("embed"), s.block_for("embed")) == (8, 128)
-    assert (s.bits_for("layers.3/attn/o_proj"), s.block_for("layers.3/attn/o_proj")) == (8, 128)
-    for name in ("layers.0/attn/qkv_proj", "layers.0/mlp/gate_up_proj", "layers.4/mlp/down_proj"):
+    assert (s.bits_for("layers.0/mlp/gate_up_proj"), s.block_for("layers.0/mlp/gate_up_proj")) == (8, 128)
+    for name in ("layers.0/attn/qkv_proj", "layers.1/mlp/gate_up_proj", "layers.4/mlp/down_proj"):
         assert (s.bits_for(name), s.block_for(name)) == (4, 32)
-    assert {PLAIN_INT4.bits_for(n) for n in ("embed", "layers.0/attn/o_proj")} == {4}
+    # A kind without a layer matches that group in every layer.
+    every_o = s.with_(int8=("o_proj",))
+    assert {every_o.bits_for(f"layers.{i}/attn/o_proj") for i in range(5)} == {8}
+    assert every_o.bits_for("embed") == 4
+    assert {PLAIN_INT4.bits_for(n) for n in ("embed", "layers.0/mlp/gate_up_proj")} == {4}
 
 
 def _run_op(node: object, inits: list[object], inputs: list[object], feeds: dict) -> np.ndarray:
