@@ -27,7 +27,6 @@ from gpts_edge.config import ModelConfig
 from gpts_edge.constants import XSA_EPS
 from gpts_edge.errors import GptsError
 from gpts_edge.export.onnx_quant import (
-    BITS,
     BLOCK_SIZE,
     DEFAULT_INT4,
     Int4Scheme,
@@ -128,7 +127,7 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def _rope_tables(cfg: ModelConfig) -> np.ndarray:
+def _rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """The rotary inverse frequencies (head_dim/2,) as gpts_edge.model.rope_cos_sin computes them
     (float32); the graph multiplies them by the positions and takes cos/sin."""
     hd = cfg.head_dim
@@ -179,11 +178,12 @@ def build_model(
     d, hd, nh, nkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     grp, V, eps = cfg.group_size, cfg.vocab_size, float(cfg.rms_norm_eps)
     quant = quantize != "none"
-    bits, block = (BITS[quantize], BLOCK_SIZE[quantize]) if quant else (0, 0)
+    block = BLOCK_SIZE[quantize] if quant else 0  # int8's; int4 blocks come from the scheme
     scheme = scheme or DEFAULT_INT4
 
     def nbits_weight(weight: np.ndarray, name: str) -> QWeight:
-        """An int4-scheme weight: GPTQ where calibrated (not the tied table), else nearest."""
+        """An int4-scheme weight: GPTQ where a Hessian was recorded (the layers), else nearest
+        (the tied table, whose embedding side GPTQ's Hessian does not see)."""
         return scheme.quantize(weight, name, None if hessians is None else hessians.get(name))
 
     def nbits_inputs(qw: QWeight, name: str, packed: str, scales: str) -> list[str]:
@@ -243,7 +243,7 @@ def build_model(
     # Constants shared by all layers. The rotary tables (context x head_dim/2, 49 KB for GPT-S)
     # are computed from 16 frequencies by constant nodes that onnxruntime folds at load, so the
     # file does not carry them.
-    inv_freq = _rope_tables(cfg)
+    inv_freq = _rope_inv_freq(cfg)
     for name, value in (("rope.start", 0), ("rope.limit", cfg.context_length), ("rope.delta", 1)):
         g.inits.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))  # 0-d
     positions = g.op("Range", ["rope.start", "rope.limit", "rope.delta"], name="rope/positions")
