@@ -28,7 +28,7 @@ def test_asymmetric_blocks_round_trip_within_half_a_step_with_a_ragged_last_bloc
         assert np.abs(back - w).mean() < np.abs(sym - w).mean()
 
 
-def test_gptq_with_act_order_lowers_the_layer_output_error_of_round_to_nearest() -> None:
+def test_gptq_act_order_and_scale_refit_lower_the_layer_output_error_of_round_to_nearest() -> None:
     rng = np.random.default_rng(1)
     w = rng.standard_normal((48, 96)).astype(np.float32)
     # Inputs with correlated columns of very different scales, as real activations have.
@@ -43,6 +43,9 @@ def test_gptq_with_act_order_lowers_the_layer_output_error_of_round_to_nearest()
     ordered = out_err(gptq_weight(w, h, 4, 32, asymmetric=True, act_order=True))
     assert plain < 0.8 * rtn
     assert ordered < rtn
+    # Re-solving the block scales with the codes fixed can only lower the (damped) output error.
+    refit = out_err(gptq_weight(w, h, 4, 32, asymmetric=True, act_order=True, refit=True))
+    assert refit <= ordered * 1.001
     # act-order keeps plain contiguous blocks: every value stays on its own block's grid.
     qw = gptq_weight(w, h, 4, 32, asymmetric=True, act_order=True)
     assert qw.packed.shape == (48, 3, 16) and qw.scales.shape == (48, 3)
