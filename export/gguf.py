@@ -46,7 +46,11 @@ from gpts_edge.outputs import (
     file_starts_with,
 )
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_mix")
+# q4_mix: q4_0 except these tensors, kept at q8_0: the tied token embedding/output (a third of
+# the weights, read at both ends of the model), attn_v (the values XSA divides by) and attn_k;
+# docs/gguf.md has what each buys.
+MIX_Q8_0 = ("token_embd.weight", ".attn_v.weight", ".attn_k.weight")
 ARCHES = ("gpts", "llama")
 BLOCK = 32
 LICENSE = "apache-2.0"
@@ -134,6 +138,7 @@ def plan_gguf(ckpt: Checkpoint, quant: str = "f32", arch: str = "gpts") -> GGUFP
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_mix": gguf.LlamaFileType.MOSTLY_Q4_0,  # llama.cpp labels mixes by their main type
     }[quant]
     name = "GPT-S-1.4M" if ckpt.path.name == "default_model" else ckpt.path.name
     plan.kv += [
@@ -179,10 +184,13 @@ def plan_gguf(ckpt: Checkpoint, quant: str = "f32", arch: str = "gpts") -> GGUFP
         ("general.sampling.top_p", float(g.get("top_p", 1.0)), T.FLOAT32, None),
         ("general.sampling.penalty_repeat", float(g.get("repetition_penalty", 1.0)), T.FLOAT32, None),
     ]
-    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[quant]
+    main_type = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_mix": Q.Q4_0}[quant]
     f16_fallback = []
     for ck_name, w in ckpt.weights.items():
         gname = gguf_name(ck_name)  # a name missing from the table raises, never skipped
+        qtype = main_type
+        if quant == "q4_mix" and gname.endswith(MIX_Q8_0):
+            qtype = Q.Q8_0
         w = np.asarray(w, dtype=np.float32)
         if arch == "llama" and ck_name.endswith(("q_proj.weight", "k_proj.weight")):
             w = permute_qk(w, cfg.num_heads if "q_proj" in ck_name else cfg.num_kv_heads)

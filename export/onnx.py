@@ -170,8 +170,8 @@ def export_onnx(
     log(f"[2/4] building graph ({quantize}, opset {opset})")
     hessians = None
     if quantize in ("int8", "int4"):
-        log(f"       calibrating {quantize} (GPTQ on text the float model samples itself)")
-        hessians = calibration_hessians(ckpt.config, ckpt.weights)
+        log(f"       calibrating {quantize} (GPTQ on the shipped calibration text)")
+        hessians = calibration_hessians(ckpt.config, ckpt.weights, tokenizer=ckpt.tokenizer)
     proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians)
     log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
     check_model(proto)

@@ -26,7 +26,14 @@ import numpy as np
 from gpts_edge.config import ModelConfig
 from gpts_edge.constants import XSA_EPS
 from gpts_edge.errors import GptsError
-from gpts_edge.export.onnx_quant import BITS, BLOCK_SIZE, gptq_blockwise, int8_blocks, quantize_blockwise
+from gpts_edge.export.onnx_quant import (
+    BLOCK_SIZE,
+    DEFAULT_INT4,
+    Int4Scheme,
+    QWeight,
+    gptq_blockwise,
+    int8_blocks,
+)
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
     ONNX_DECODE_SEQLENS_K,
@@ -120,12 +127,13 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def _rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin (context_length, head_dim/2) computed as gpts_edge.model.rope_cos_sin does (float32)."""
+def _rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies (head_dim/2,) as gpts_edge.model.rope_cos_sin computes them
+    (float32); the graph multiplies them by the positions and takes cos/sin."""
     hd = cfg.head_dim
-    inv_freq = np.power(np.float32(cfg.rope_theta), -np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))
-    freqs = np.arange(cfg.context_length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    return np.power(
+        np.float32(cfg.rope_theta), -np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    ).astype(np.float32)
 
 
 def build_model(
@@ -138,6 +146,7 @@ def build_model(
     hessians: dict[str, np.ndarray] | None = None,
     linear_inputs: dict[str, str] | None = None,
     flavour: str = "compatible",
+    scheme: Int4Scheme | None = None,
 ) -> Any:
     """The ONNX ModelProto for ``weights`` (checkpoint names, float32).
 
@@ -145,7 +154,8 @@ def build_model(
     is [batch, 1, vocab] (the last position), which skips the head for every prompt token but one.
     ``hessians`` (linear node name -> X^T X of its inputs) switches int4 layer weights from
     round-to-nearest to GPTQ; ``linear_inputs``, when given, is filled with linear node name -> the
-    name of its input tensor (how ``calibration_hessians`` finds what to record).
+    name of its input tensor (how ``calibration_hessians`` finds what to record). ``scheme``: how
+    int4 stores each weight (default ``onnx_quant.DEFAULT_INT4``).
 
     ``flavour="decode"`` builds the graph the project's own runtime steps with (see DECODE_DOC):
     batch 1, no padding, a fixed-size KV buffer per layer that onnxruntime's GroupQueryAttention
@@ -168,7 +178,18 @@ def build_model(
     d, hd, nh, nkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     grp, V, eps = cfg.group_size, cfg.vocab_size, float(cfg.rms_norm_eps)
     quant = quantize != "none"
-    bits, block = (BITS[quantize], BLOCK_SIZE[quantize]) if quant else (0, 0)
+    block = BLOCK_SIZE[quantize] if quant else 0  # int8's; int4 blocks come from the scheme
+    scheme = scheme or DEFAULT_INT4
+
+    def nbits_weight(weight: np.ndarray, name: str) -> QWeight:
+        """An int4-scheme weight: GPTQ where a Hessian was recorded (the layers), else nearest
+        (the tied table, whose embedding side GPTQ's Hessian does not see)."""
+        return scheme.quantize(weight, name, None if hessians is None else hessians.get(name))
+
+    def nbits_inputs(qw: QWeight, name: str, packed: str, scales: str) -> list[str]:
+        """packed, scales[, zero points] input names of MatMulNBits/GatherBlockQuantized."""
+        zp = qw.packed_zero_points()
+        return [packed, scales] + ([] if zp is None else [g.init(f"{name}.zero_points", zp)])
 
     def w(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float32)
@@ -202,27 +223,34 @@ def build_model(
         if quantize == "int8":
             wt = g.op("Transpose", [int8_weight(weight, name)], name=f"{name}/weight_t", perm=[1, 0])
             return g.op("MatMul", [x, wt], name=name)
-        if hessians is not None and name in hessians:
-            packed, scales = gptq_blockwise(weight, hessians[name], bits, block)
-        else:
-            packed, scales = quantize_blockwise(weight, bits, block)
+        qw = nbits_weight(weight, name)
+        inputs = nbits_inputs(
+            qw, name, g.init(f"{name}.qweight", qw.packed), g.init(f"{name}.scales", qw.scales.reshape(-1))
+        )
         return g.op(
             "MatMulNBits",
-            [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.scales", scales.reshape(-1))],
+            [x, *inputs],
             name=name,
             domain="com.microsoft",
             K=k,
             N=n_out,
-            bits=bits,
-            block_size=block,
-            # int8 activations inside the int4 kernel: 1.6x faster decode for +1.6% mean KL.
-            accuracy_level=4,
+            bits=qw.bits,
+            block_size=qw.block,
+            # 4: int8 activations inside the kernel (docs/onnx.md has what it costs and buys).
+            accuracy_level=scheme.accuracy_level,
         )
 
-    # Constants shared by all layers.
-    cos, sin = _rope_tables(cfg)
-    g.init("rope.cos", cos)
-    g.init("rope.sin", sin)
+    # Constants shared by all layers. The rotary tables (context x head_dim/2, 49 KB for GPT-S)
+    # are computed from 16 frequencies by constant nodes that onnxruntime folds at load, so the
+    # file does not carry them.
+    inv_freq = _rope_inv_freq(cfg)
+    for name, value in (("rope.start", 0), ("rope.limit", cfg.context_length), ("rope.delta", 1)):
+        g.inits.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))  # 0-d
+    positions = g.op("Range", ["rope.start", "rope.limit", "rope.delta"], name="rope/positions")
+    pos_col = g.op("Unsqueeze", [positions, g.init("rope.axis1", np.array([1], np.int64))], name="rope/col")
+    freqs = g.op("Mul", [pos_col, g.init("rope.inv_freq", inv_freq)], name="rope/freqs")
+    g.op("Cos", [freqs], name="rope/cos", outputs=["rope.cos"])
+    g.op("Sin", [freqs], name="rope/sin", outputs=["rope.sin"])
     g.init("const.xsa_eps", np.array(XSA_EPS, dtype=np.float32))
     g.init("const.zero", np.array(0, dtype=np.int64))
     g.init("const.one", np.array(1, dtype=np.int64))
@@ -266,9 +294,10 @@ def build_model(
         emb_f = int8_weight(emb, "embed")
         x = g.op("Gather", [emb_f, ONNX_INPUT_IDS], name="embed/gather")
     elif quant:
-        e_packed, e_scales = quantize_blockwise(emb, bits, block)
-        g.init("embed.qweight", e_packed)
-        g.init("embed.scales", e_scales)
+        e_q = nbits_weight(emb, "embed")
+        g.init("embed.qweight", e_q.packed)
+        g.init("embed.scales", e_q.scales)
+        e_inputs = nbits_inputs(e_q, "embed", "embed.qweight", "embed.scales")
         e_rows = g.op(
             "Reshape",
             ["embed.qweight", g.init("const.shape_embed_rows", np.array([V, -1], np.int64))],
@@ -276,11 +305,11 @@ def build_model(
         )
         x = g.op(
             "GatherBlockQuantized",
-            [e_rows, ONNX_INPUT_IDS, "embed.scales"],
+            [e_rows, ONNX_INPUT_IDS, *e_inputs[1:]],
             name="embed/gather",
             domain="com.microsoft",
-            block_size=block,
-            bits=bits,
+            block_size=e_q.block,
+            bits=e_q.bits,
             gather_axis=0,
             quantize_axis=1,
         )
@@ -434,7 +463,7 @@ def build_model(
         g.op("MatMul", [normed, head], name="lm_head", outputs=[ONNX_LOGITS])
     elif quant:
         # The same bytes as the embedding, viewed as MatMulNBits' (N, blocks, blob) layout.
-        n_blocks = -(-d // block)
+        n_blocks = -(-d // e_q.block)
         b3 = g.op(
             "Reshape",
             ["embed.qweight", g.init("const.shape_head", np.array([V, n_blocks, -1], np.int64))],
@@ -447,15 +476,14 @@ def build_model(
         )
         g.op(
             "MatMulNBits",
-            [normed, b3, s1],
+            [normed, b3, s1, *e_inputs[2:]],
             name="lm_head",
             domain="com.microsoft",
             K=d,
             N=V,
-            bits=bits,
-            block_size=block,
-            # int8 activations here too: the head is the largest matrix, +20% decode speed.
-            accuracy_level=4,
+            bits=e_q.bits,
+            block_size=e_q.block,
+            accuracy_level=scheme.accuracy_level,
             outputs=[ONNX_LOGITS],
         )
     else:

@@ -251,7 +251,9 @@ FORCE_HELP = (
     "Write into a folder that holds other files (only the export's own files are replaced), "
     "or to a file of another name or format."
 )
-QUANTIZE_HELP = "onnx/ort: none | int8 | int4; gguf: f32 | f16 | q8_0 | q4_0 (default: full precision)"
+QUANTIZE_HELP = (
+    "onnx/ort: none | int8 | int4; gguf: f32 | f16 | q8_0 | q4_0 | q4_mix (default: full precision)"
+)
 
 
 @app.command()

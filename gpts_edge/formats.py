@@ -87,7 +87,13 @@ FORMATS: dict[str, Format] = {
         Format(
             "onnx", ("none", "int8", "int4"), "onnx", False, "ONNX graph with KV cache (+ decode flavour)"
         ),
-        Format("gguf", ("f32", "f16", "q8_0", "q4_0"), "gguf", True, "GGUF file (llama.cpp tensor names)"),
+        Format(
+            "gguf",
+            ("f32", "f16", "q8_0", "q4_0", "q4_mix"),
+            "gguf",
+            True,
+            "GGUF file (llama.cpp tensor names)",
+        ),
         Format(
             "ort", ("none", "int8", "int4"), "onnx", False, "ORT-format file for mobile onnxruntime builds"
         ),

@@ -36,15 +36,18 @@ PARITY_TEXT = Path(__file__).resolve().parent / "data" / "parity_text.txt"
 # (format, quantization) -> (mean KL max, top-1 agreement min) on the parity text, set from
 # measurements on the bundled GPT-S-1.4M checkpoint with headroom (docs/onnx.md, docs/gguf.md).
 # This model is unusually sensitive to weight noise (0.3% Gaussian noise alone costs 1.4% top-1),
-# so 4-bit files are lossy.
+# so 4-bit files are lossy. int4 and q4_mix (measured 2026-12-03: KL 0.065 / 0.085, top-1 82.4 % /
+# 80.1 %, full windows and steps) are bounded about 12 % above the measured KL and 2.5 points
+# below the measured top-1.
 BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("onnx", "none"): (1e-8, 0.999),
     ("onnx", "int8"): (1e-3, 0.97),
-    ("onnx", "int4"): (0.22, 0.68),
+    ("onnx", "int4"): (0.073, 0.80),
     ("gguf", "f32"): (1e-8, 0.999),
     ("gguf", "f16"): (1e-5, 0.99),
     ("gguf", "q8_0"): (2e-3, 0.95),
     ("gguf", "q4_0"): (0.25, 0.66),
+    ("gguf", "q4_mix"): (0.095, 0.775),
 }
 FULL_PRECISION = ("none", "f32")
 

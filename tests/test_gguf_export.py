@@ -243,7 +243,10 @@ def test_bundled_model_gguf_parity_within_stated_bounds():
     from gpts_edge.torch_runtime import TorchRuntime
 
     ref = TorchRuntime(None, threads=1)
-    reports = [parity_report("gguf", None, quantize=q, reference=ref) for q in ("f32", "f16", "q8_0", "q4_0")]
+    reports = [
+        parity_report("gguf", None, quantize=q, reference=ref)
+        for q in ("f32", "f16", "q8_0", "q4_mix", "q4_0")
+    ]
     for report in reports:
         assert report["ok"], (report["quantize"], report["rows"])
         assert report["text"]["positions"] >= 2000
