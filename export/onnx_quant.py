@@ -85,6 +85,10 @@ class Int4Scheme:
         """``weight`` (N, K) of graph weight ``name``: GPTQ when ``hessian`` is given (and
         ``gptq``), else round-to-nearest."""
         bits, block = self.bits_for(name), self.block_for(name)
+        # A block wider than the row would pad it, and the embedding lookup (GatherBlockQuantized)
+        # would then return the padding as extra features: small models (hidden 64) use the
+        # widest power-of-two block (at least 16, MatMulNBits' minimum) that fits in a row.
+        block = min(block, max(16, 1 << (weight.shape[1].bit_length() - 1)))
         if self.gptq and hessian is not None:
             return gptq_weight(
                 weight,

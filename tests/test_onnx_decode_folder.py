@@ -73,7 +73,7 @@ def test_cli_export_writes_the_decode_graph_reading_every_weight_from_model_onnx
     from gpts_edge.export.onnx_graph import build_model
 
     ck = load_checkpoint(ckpts[0])
-    hess = calibration_hessians(ck.config, ck.weights) if quantize != "none" else None
+    hess = calibration_hessians(ck.config, ck.weights, tokenizer=ck.tokenizer) if quantize != "none" else None
     want = build_model(ck.config, ck.weights, quantize=quantize, hessians=hess, flavour="decode")
     got = onnx.load(str(dec))  # resolves the external data from model.onnx
     assert {t.name: t.raw_data for t in got.graph.initializer} == {
