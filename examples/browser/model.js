@@ -37,6 +37,19 @@ async function fetchOptional(url) {
 }
 
 export class OnnxModel {
+  // Both graphs take the cache as past_key_values.* and return it as present.*; the same names
+  // as the Python side's names.py.
+  async runWithCache(feeds, cache) {
+    for (let i = 0; i < this.layers; i++) {
+      feeds[`past_key_values.${i}.key`] = cache.kv[2 * i];
+      feeds[`past_key_values.${i}.value`] = cache.kv[2 * i + 1];
+    }
+    const out = await this.session.run(feeds);
+    const kv = [];
+    for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
+    return { out, kv };
+  }
+
   static FILE = "model.onnx";
 
   /**
@@ -113,13 +126,7 @@ export class OnnxModel {
       attention_mask: new this.ort.Tensor("int64", new BigInt64Array(past + T).fill(1n), [1, past + T]),
       position_ids: new this.ort.Tensor("int64", i64(tokens.map((_, i) => past + i)), [1, T]),
     };
-    for (let i = 0; i < this.layers; i++) {
-      feeds[`past_key_values.${i}.key`] = cache.kv[2 * i];
-      feeds[`past_key_values.${i}.value`] = cache.kv[2 * i + 1];
-    }
-    const out = await this.session.run(feeds);
-    const kv = [];
-    for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
+    const { out, kv } = await this.runWithCache(feeds, cache);
     // CPU tensors need no dispose(): the garbage collector frees them, and a cache stays
     // usable after a step (a caller may branch from it).
     const logits = out.logits.data.slice((T - 1) * this.vocab, T * this.vocab);
@@ -196,13 +203,7 @@ export class DecodeModel extends OnnxModel {
       seqlens_k: new this.ort.Tensor("int32", Int32Array.of(total - 1), [1]),
       total_sequence_length: new this.ort.Tensor("int32", Int32Array.of(total), []),
     };
-    for (let i = 0; i < this.layers; i++) {
-      feeds[`past_key_values.${i}.key`] = cache.kv[2 * i];
-      feeds[`past_key_values.${i}.value`] = cache.kv[2 * i + 1];
-    }
-    const out = await this.session.run(feeds);
-    const kv = [];
-    for (let i = 0; i < this.layers; i++) kv.push(out[`present.${i}.key`], out[`present.${i}.value`]);
+    const { out, kv } = await this.runWithCache(feeds, cache);
     return { logits: out.logits.data.slice(0, this.vocab), cache: { length: total, kv } };
   }
 }
