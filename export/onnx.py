@@ -13,7 +13,7 @@ from typing import Any
 
 from gpts_edge.checkpoint import GENERATION_FILE, TOKENIZER_FILE, Checkpoint, load_checkpoint
 from gpts_edge.config import ModelConfig
-from gpts_edge.constants import CONFIG_FILE, DECODE_SUFFIX, GENAI_FILE, LAST_LOGITS_SUFFIX
+from gpts_edge.constants import CONFIG_FILE, DECODE_SUFFIX, GENAI_FILE, LAST_LOGITS_SUFFIX, flavour_file
 from gpts_edge.constants import ONNX_MODEL_FILE as MODEL_FILE
 from gpts_edge.errors import GptsError
 from gpts_edge.export.onnx_calibration import calibration_hessians
@@ -184,9 +184,9 @@ def export_onnx(
         decode_graph, last_logits_graph = False, True
     flavours: dict[str, dict[str, Any]] = {}
     if last_logits_graph:
-        flavours[last_logits_name(out.name)] = {"last_logits_only": True}
+        flavours[flavour_file(out.name, LAST_LOGITS_SUFFIX)] = {"last_logits_only": True}
     if decode_graph:
-        flavours[decode_name(out.name)] = {"flavour": "decode"}
+        flavours[flavour_file(out.name, DECODE_SUFFIX)] = {"flavour": "decode"}
     for name, kwargs in flavours.items():
         fast = build_model(
             ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians, **kwargs
@@ -207,7 +207,7 @@ def export_onnx(
         else:
             # A flavour this export does not write must not outlive it: one left from an earlier
             # export would be stepped with instead of this graph.
-            for name in (last_logits_name(out.name), decode_name(out.name)):
+            for name in (flavour_file(out.name, LAST_LOGITS_SUFFIX), flavour_file(out.name, DECODE_SUFFIX)):
                 if name not in sidecars:
                     (out.parent / name).unlink(missing_ok=True)
             for name, content in sidecars.items():
@@ -263,14 +263,6 @@ def share_weights(flavour: Any, full: Any, full_bytes: bytes, model_file: str) -
             entry = flavour.metadata_props.add()
             entry.key, entry.value = key, value
     return saved
-
-
-def last_logits_name(model_file: str) -> str:
-    return f"{Path(model_file).stem}{LAST_LOGITS_SUFFIX}"
-
-
-def decode_name(model_file: str) -> str:
-    return f"{Path(model_file).stem}{DECODE_SUFFIX}"
 
 
 def _sidecar_files(ckpt: Checkpoint, model_file: str) -> dict[str, bytes]:

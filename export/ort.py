@@ -26,14 +26,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gpts_edge.constants import DECODE_SUFFIX, LAST_LOGITS_SUFFIX, ORT_MODEL_FILE, flavour_file
 from gpts_edge.errors import GptsError
 from gpts_edge.fileio import temp_dir_beside
 from gpts_edge.outputs import FolderKind, check_output_dir, clean_stale, export_folder, onnx_files
 
-ORT_FILE = "model.ort"
-DECODE_ORT_FILE = "model.decode.ort"  # the decode flavour, what generation steps with
+ORT_FILE = ORT_MODEL_FILE
+DECODE_ORT_FILE = flavour_file(ORT_FILE, DECODE_SUFFIX)  # the decode flavour, what generation steps with
 # Where the decode flavour is unsupported (head_dim not a multiple of 16) the last-logits one.
-LAST_LOGITS_ORT_FILE = "model.last_logits.ort"
+LAST_LOGITS_ORT_FILE = flavour_file(ORT_FILE, LAST_LOGITS_SUFFIX)
 OPS_CONFIG_FILE = "required_operators.config"
 # Files of the ONNX export that stay behind: the graphs (converted instead), and
 # onnxruntime-genai's config, which names model.onnx. Everything else (config.json,

@@ -4,6 +4,7 @@ the numpy runtimes, the exporters and the JavaScript/Kotlin ports' tests all rea
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 # v·v is clamped here before dividing, so a zero value vector gives z = y (no NaN).
@@ -22,6 +23,15 @@ ORT_MODEL_FILE = "model.ort"
 DECODE_SUFFIX = ".decode.onnx"  # model.onnx -> model.decode.onnx, the runtime's fast step graph
 LAST_LOGITS_SUFFIX = ".last_logits.onnx"
 GGUF_SUFFIX = ".gguf"
+
+
+def flavour_file(model_file: str, suffix: str) -> str:
+    """The file name of a graph flavour beside ``model_file``: model.onnx -> model.decode.onnx for
+    DECODE_SUFFIX, model.ort -> model.decode.ort (the ORT export converts each flavour to its own
+    file). The one spelling the exporters, the runtime and the overwrite rules read."""
+    path = PurePath(model_file)
+    return f"{path.stem}{suffix.removesuffix('.onnx')}{path.suffix}"
+
 
 # The one table of sampling defaults (the model card's): generation_config.json written with a
 # checkpoint, the fallback for a field missing from one, and SamplingOptions' own defaults.

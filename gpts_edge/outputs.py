@@ -34,6 +34,7 @@ from gpts_edge.constants import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    flavour_file,
 )
 from gpts_edge.errors import GptsError
 from gpts_edge.fileio import atomic_dir, require_output_dir
@@ -66,8 +67,8 @@ CHECKPOINT_KIND = FolderKind(
 
 def onnx_files(model_file: str = ONNX_MODEL_FILE) -> frozenset[str]:
     """Every file an ONNX export named ``model_file`` writes (graph, its flavours, sidecars)."""
-    stem = Path(model_file).stem
-    return frozenset((model_file, f"{stem}{DECODE_SUFFIX}", f"{stem}{LAST_LOGITS_SUFFIX}", *_SIDECARS))
+    flavours = (flavour_file(model_file, DECODE_SUFFIX), flavour_file(model_file, LAST_LOGITS_SUFFIX))
+    return frozenset((model_file, *flavours, *_SIDECARS))
 
 
 ONNX_KIND = FolderKind("ONNX export", ONNX_MODEL_FILE, onnx_files())

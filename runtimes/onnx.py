@@ -27,6 +27,7 @@ from gpts_edge.constants import (
     LAST_LOGITS_SUFFIX,
     ORT_MODEL_FILE,
     TOKENIZER_FILE,
+    flavour_file,
 )
 from gpts_edge.constants import ONNX_MODEL_FILE as MODEL_FILE
 from gpts_edge.errors import GptsError
@@ -79,7 +80,7 @@ def find_model_file(path: Path) -> Path:
 def flavour_path(model_path: Path, suffix: str) -> Path:
     """A graph flavour beside ``model_path``: model.onnx -> model.decode.onnx for ``DECODE_SUFFIX``,
     model.ort -> model.decode.ort (the ORT export converts each flavour to its own file)."""
-    return model_path.with_name(f"{model_path.stem}{suffix.removesuffix('.onnx')}{model_path.suffix}")
+    return model_path.with_name(flavour_file(model_path.name, suffix))
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
