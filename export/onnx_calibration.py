@@ -4,8 +4,8 @@ the float32 graph in onnxruntime with those inputs as outputs.
 The default text, gpts_edge/data/calibration_text.txt (116 KB, 36k tokens of the bundled
 tokenizer), ships with the package: 121 excerpts of about 1,000 characters drawn with a fixed
 seed from public-domain sources of the project's corpus (ELTeC-eng novels, Project Gutenberg books
-via GITenberg, the CIA World Factbook, CC0). It is not the parity text. Without a tokenizer the
-float model samples its own text instead (measured worse: docs/onnx.md).
+via GITenberg, the CIA World Factbook, CC0). It is not the parity text. Text the float model
+samples itself, the earlier calibration, measured worse (docs/onnx.md).
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ def calibration_hessians(
     cfg: ModelConfig,
     weights: dict[str, np.ndarray],
     *,
-    sequences: int = 8,
-    length: int = 256,
-    seed: int = 0,
-    ids: np.ndarray | None = None,
     tokenizer: Any = None,
+    ids: np.ndarray | None = None,
+    length: int = 256,
     batch: int = 16,
 ) -> dict[str, np.ndarray]:
     """X^T X of every linear layer's inputs on calibration tokens: ``ids`` (windows, length) when
-    given, else the shipped calibration text cut by ``tokenizer`` into windows of ``length``,
-    else text the float model writes itself (``sequences`` x ``length``, sampled, seeded). GPTQ
-    needs no data set and never sees the parity text. Runs the float32 graph in onnxruntime with
-    the linear inputs as extra outputs."""
+    given, else the shipped calibration text cut by ``tokenizer`` into windows of ``length``
+    (text the float model sampled itself was measured worse, docs/onnx.md). GPTQ never sees the
+    parity text. Runs the float32 graph in onnxruntime with the linear inputs as extra outputs."""
+    if ids is None and tokenizer is None:
+        raise ValueError("calibration_hessians: pass the tokenizer (or calibration ids)")
     import onnxruntime as ort
 
     onnx = require_onnx()
@@ -57,10 +56,8 @@ def calibration_hessians(
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     past_names = onnx_past_names(cfg)
     n_present = 2 * cfg.num_layers
-    if ids is None and tokenizer is not None:
-        ids = text_ids(tokenizer, min(length, cfg.context_length))
     if ids is None:
-        ids = _sample_ids(sess, cfg, sequences, min(length, cfg.context_length), seed)
+        ids = text_ids(tokenizer, min(length, cfg.context_length))
     ids = np.asarray(ids, dtype=np.int64)[:, : cfg.context_length]
     extra = [o.name for o in sess.get_outputs()][1 + n_present :]
     hessians: dict[str, np.ndarray] = {}
@@ -85,31 +82,3 @@ def text_ids(tokenizer: Any, length: int, path: Path = CALIBRATION_TEXT) -> np.n
     flat = tokenizer.encode(path.read_text(encoding="utf-8")).ids
     n = len(flat) // length
     return np.array(flat[: n * length], dtype=np.int64).reshape(n, length)
-
-
-def _sample_ids(sess: Any, cfg: ModelConfig, sequences: int, length: int, seed: int) -> np.ndarray:
-    """(sequences, length) tokens the float graph samples from <|endoftext|> (temperature 1)."""
-    rng = np.random.default_rng(seed)
-    empty = np.zeros((sequences, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
-    past_names = onnx_past_names(cfg)
-    n_present = 2 * cfg.num_layers
-    ids = np.full((sequences, 1), cfg.bos_token_id, dtype=np.int64)
-    past = [empty] * len(past_names)
-    tokens = ids
-    for t in range(length - 1):
-        feeds = {
-            ONNX_INPUT_IDS: tokens,
-            ONNX_ATTENTION_MASK: np.ones((sequences, t + 1), dtype=np.int64),
-            ONNX_POSITION_IDS: np.full((sequences, 1), t, dtype=np.int64),
-            **dict(zip(past_names, past, strict=True)),
-        }
-        out = sess.run(None, feeds)
-        past = out[1 : 1 + n_present]
-        logits = out[0][:, -1].astype(np.float64)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        cum = np.cumsum(p, -1)
-        u = rng.random((sequences, 1))
-        tokens = np.minimum((cum < u * cum[:, -1:]).sum(-1), cfg.vocab_size - 1)[:, None].astype(np.int64)
-        ids = np.concatenate([ids, tokens], axis=1)
-    return ids
