@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from gpts_edge.constants import DECODE_SUFFIX, ONNX_MODEL_FILE, flavour_file
 from gpts_edge.errors import GptsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ BROWSER_DIR = REPO_ROOT / "examples" / "browser"
 ORT_SUBDIR = Path("node_modules") / "onnxruntime-web" / "dist"
 INSTALL_HINT = "npm ci --prefix examples/browser"
 MODEL_SIDECARS = ("config.json", "tokenizer.json", "generation_config.json")
-DECODE_FILE = "model.decode.onnx"  # served when the folder has a usable one; the page prefers it
+# Served when the folder has a usable one; the page runs it with ?graph=decode (default: model.onnx).
+DECODE_FILE = flavour_file(ONNX_MODEL_FILE, DECODE_SUFFIX)
 
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -86,7 +88,6 @@ def decode_graph_for_page(onnx_file: Path) -> Path | None:
     """The decode flavour beside ``onnx_file`` when the page can run it: present, exported with
     this very model file (the runtime's stale check), and reading its weights from a file the page
     knows as model.onnx (or from none). Otherwise the page runs the full graph."""
-    from gpts_edge.constants import DECODE_SUFFIX
     from gpts_edge.names import ONNX_META_WEIGHTS_FILE
     from gpts_edge.runtimes.onnx import flavour_path, onnx_metadata, stale_flavour
 
@@ -94,10 +95,10 @@ def decode_graph_for_page(onnx_file: Path) -> Path | None:
     if not decode.is_file() or stale_flavour(decode) is not None:
         return None
     source = onnx_metadata(decode).get(ONNX_META_WEIGHTS_FILE)
-    if source is not None and source != onnx_file.name:
+    # The page serves the graph as model.onnx, so a flavour reading its weights from a file must
+    # read them from that one, under that name.
+    if source is not None and not source == onnx_file.name == ONNX_MODEL_FILE:
         return None
-    if source is not None and onnx_file.name != "model.onnx":
-        return None  # the page names the weights file model.onnx
     return decode
 
 
@@ -190,7 +191,7 @@ class WebServer:
             raise GptsError(f"--port: expected 0..65535 (0: any free port), found {port}")
         page = browser_dir(page_dir).resolve()
         self.onnx_file, self.model_dir = resolve_model(model, log=log)
-        model_files = {"model.onnx": self.onnx_file.resolve()}
+        model_files = {ONNX_MODEL_FILE: self.onnx_file.resolve()}
         decode = decode_graph_for_page(self.onnx_file)
         if decode is not None:
             model_files[DECODE_FILE] = decode.resolve()
