@@ -223,10 +223,11 @@ def _cdf_draw(p: np.ndarray, u: np.ndarray) -> list[int]:
     return out
 
 
-# Top-p looks at the ids with p >= the largest p * 2**-9 first (in real logits at temperature
-# 0.8 their mass reaches 0.95 in ~3/4 of the rows), then 2**-16 for the rest, then the whole
-# row: sorting tens of values instead of the vocabulary is most of what makes this fast.
-_CANDIDATE_FLOORS = (2.0**-9, 2.0**-16, 0.0)
+# Top-p looks at the ids with p >= the largest p * 2**-11 first, then 2**-16, then the whole row.
+# In the bundled model's logits along sampled text (temperature 0.8) the first floor holds a
+# median 122 ids (90th percentile 655) and their mass reaches 0.95 in 96 % of the rows; 2**-9
+# (median 59 ids) reached it in 64 %, and its retries made the sampler 17 % slower per row.
+_CANDIDATE_FLOORS = (2.0**-11, 2.0**-16, 0.0)
 
 
 def _nucleus_draw(p: np.ndarray, pmax: float, top_p: float, u: float) -> int:
