@@ -256,14 +256,17 @@ def _nucleus_draw(p: np.ndarray, pmax: float, top_p: float, u: float) -> int:
             break
     else:  # rounding left the whole row's mass just under top_p: every id is kept
         k = len(ids) - 1
-    # The kept ids: those above the prefix's last value v, then the lowest ids equal to v.
+    # The kept ids: those above the prefix's last value v, then the lowest ids equal to v (all
+    # of the ids equal to v unless more of them tie than the prefix takes).
     v = desc[k]
-    keep = cand > v
-    ties = (cand == v).nonzero()[0]
-    keep[ties[: k + 1 - int(keep.sum())]] = True
+    keep = cand >= v
+    if int(keep.sum()) > k + 1:
+        keep = cand > v
+        ties = (cand == v).nonzero()[0]
+        keep[ties[: k + 1 - int(keep.sum())]] = True
     kept_p = cand[keep]
     cum = kept_p.cumsum()  # the kept mass in id order
-    at = int((cum <= u * cum[-1]).sum())
+    at = int(cum.searchsorted(u * cum[-1], side="right"))  # the first running mass above u * total
     if at >= len(kept_p):  # u * total landed on the total: the last kept id with mass
         at = int(kept_p.nonzero()[0][-1])
     return int(ids[keep][at])
