@@ -158,6 +158,25 @@ def test_top_p_keeps_the_stable_sort_prefix_whatever_the_distribution(shape: str
         assert set(pick) <= set(got)
 
 
+def test_top_p_at_its_extremes_agrees_with_the_plain_python_sampler(real_cases) -> None:
+    """top_p just under 1 (the rows whose whole mass rounds below it keep every id, past the
+    last candidate floor) and a tiny top_p (only the largest id, lower id on a tie), on real
+    logits at several temperatures and on rounded ones (many ties)."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for lg, history in real_cases[::15]:
+        for top_p in (1 - 2**-53, 0.99999, 1e-12):
+            for temperature, rounded in ((0.8, False), (3.0, False), (1.0, True)):
+                logits = np.round(lg.astype(np.float64)) if rounded else lg.astype(np.float64)
+                opts = SamplingOptions(temperature=temperature, top_p=top_p)
+                u = float(rng.random())
+                fields = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+                want = reference_sample(list(logits), {f: getattr(opts, f) for f in fields}, history, u)
+                assert sample_rows(logits[None], [_row(opts, history, u)])[0] == want
+                checked += 1
+    assert checked >= 500
+
+
 def test_ngram_index_equals_rescanning_the_history() -> None:
     rng = np.random.default_rng(3)
     for _ in range(300):
