@@ -42,7 +42,7 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
-from gpts_edge.training import finetune, regularize
+from gpts_edge.training import calibrate, finetune, regularize
 from gpts_edge.training.checkpointing import optim_from_tensors, optim_to_tensors, plot_metrics
 from gpts_edge.training.checks import check_resume, check_train_config, parse_overrides, trim_metrics
 from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
@@ -91,6 +91,7 @@ class TrainConfig:
     dropout: float = 0.0  # on the residual branches while training (never at inference)
     embed_lr_scale: float = 1.0  # the tied embedding/head's LR as a fraction of --lr (0: frozen)
     decay_to_init: bool = False  # weight decay toward the initial weights (L2-SP), not toward zero
+    calibrate: bool = False  # at the end, fit a temperature on the validation windows into the weights
     cpu_micro_batch: int = 16  # on CPU, larger batches run as micro-batches of this size (0: off)
     resume: bool = False
     override_resume: str | None = None  # settings allowed to differ from the resumed snapshot's
@@ -578,12 +579,15 @@ class Trainer:
                 log.close()
         if self.rank == 0 and metrics_path.is_file():
             plot_metrics(metrics_path, self.out / "loss.png")
-        return {
+        result = {
             "step": self.step,
             "tokens": self.tokens_seen,
             **{k: last.get(k) for k in ("loss", "val_loss")},
             **({"best_step": self.best["step"], "best_val_loss": self.best["val_loss"]} if self.best else {}),
         }
+        if tc.calibrate and self.rank == 0 and self.step == self.max_steps and self.step > start_step:
+            result["temperature"] = calibrate.calibrate_checkpoint(self.out, self.val, self._say)
+        return result
 
 
 def train(tc: TrainConfig, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
