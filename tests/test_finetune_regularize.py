@@ -12,8 +12,9 @@ import torch
 from gpts_edge.checkpoint import load_checkpoint
 from gpts_edge.config import PRESETS
 from gpts_edge.model import GPTS, weights_to_state
-from gpts_edge.training import regularize
+from gpts_edge.training import calibrate, regularize
 from gpts_edge.training.train import Trainer, preset_config
+from tests.conftest import run_cli
 
 FIXTURE = Path(__file__).parent / "data" / "uncle_wiggily.txt"
 FAST = {"init": "default", "data": [str(FIXTURE)], "batch_size": 4, "seq_len": 64, "progress": False}
@@ -59,7 +60,11 @@ def test_ema_update_is_the_exponential_average_and_swapping_restores_the_weights
 
 def test_ema_is_validated_and_the_kept_checkpoint_is_the_better_of_raw_and_ema(tmp_path) -> None:
     out = tmp_path / "ema"
-    t = Trainer(preset_config(None, out=str(out), max_steps=6, eval_every=3, ema=0.8, lr=3e-3, **FAST))
+    t = Trainer(
+        preset_config(
+            None, out=str(out), max_steps=6, eval_every=3, ema=0.8, lr=3e-3, calibrate=False, **FAST
+        )
+    )
     result = t.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
@@ -126,3 +131,50 @@ def test_decay_to_init_pulls_toward_the_initial_weights_not_zero() -> None:
             anchor.after_step()
         expected = p0 + delta * (1 - lr * wd) if to_init else (p0 + delta) * (1 - lr * wd)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_fitted_temperature_recovers_the_temperature_that_made_the_data() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 50, generator=gen) * 3
+    targets = torch.multinomial(torch.softmax(logits / 1.5, -1), 1, generator=gen).squeeze(1)
+    t, before, after = calibrate.fit_temperature(logits, targets)
+    assert abs(t - 1.5) < 0.05, t
+    assert after < before
+
+
+def test_calibration_folds_the_temperature_into_the_final_norm(tmp_path) -> None:
+    out = tmp_path / "cal"
+    result = Trainer(
+        preset_config(None, out=str(out), max_steps=3, keep="last", calibrate=True, lr=3e-3, **FAST)
+    ).train()
+    t = result["temperature"]
+    assert t != 1.0
+    snap = load_checkpoint(sorted((out / "checkpoints").glob("step-*"))[-1])  # the weights as trained
+    top = load_checkpoint(out)
+    for name, w in snap.weights.items():
+        expected = w / np.float32(t) if name == calibrate.NORM else w
+        np.testing.assert_allclose(top.weights[name], expected, rtol=1e-4, atol=0)
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    raw, cal = GPTS(snap.config), GPTS(top.config)
+    raw.load_state_dict(weights_to_state(snap.weights))
+    cal.load_state_dict(weights_to_state(top.weights))
+    with torch.no_grad():
+        torch.testing.assert_close(cal.eval()(ids)[0], raw.eval()(ids)[0] / t, rtol=1e-3, atol=1e-4)
+
+
+def test_the_finetune_preset_calibrates_and_the_cli_can_turn_it_off(tmp_path) -> None:
+    assert preset_config(None, init="default").calibrate is True
+    assert preset_config("tiny").calibrate is False
+    short = tmp_path / "note.txt"  # shorter than a window: a fast step
+    short.write_text(FIXTURE.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+
+    def run(name: str, *extra: str):
+        args = ["--init", "default", "--data", short, "--out", tmp_path / name, "--max-steps", "1"]
+        proc = run_cli("train", *args, "--no-progress", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    off = run("off", "--no-calibrate")
+    assert "calibration:" not in off and "temperature" not in off.splitlines()[-1]
+    on = run("on")
+    assert "calibration: temperature" in on and "temperature" in on.splitlines()[-1]

@@ -39,6 +39,7 @@ FINETUNE_TRAINING: dict[str, Any] = {
     "epochs": 3.0,
     "val_fraction": 0.05,
     "keep": "best",
+    "calibrate": True,
     "log_every": 1,
     "eval_every": 0,
     "eval_windows": 16,
