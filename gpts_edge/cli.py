@@ -185,6 +185,7 @@ def train(
     calibrate: Annotated[
         bool | None, typer.Option(help="Fold a temperature fitted on the validation slice into the result.")
     ] = None,
+    sampling: Annotated[str | None, typer.Option(help="random windows | passes over the text")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
     override_resume: Annotated[
         str | None,
@@ -229,6 +230,7 @@ def train(
             keep=keep,
             cpu_micro_batch=cpu_micro_batch,
             calibrate=calibrate,
+            sampling=sampling,
             resume=resume,
             override_resume=override_resume,
             decontaminate=decontaminate,

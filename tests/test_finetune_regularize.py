@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gpts_edge.checkpoint import load_checkpoint
 from gpts_edge.config import PRESETS
+from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, weights_to_state
 from gpts_edge.training import calibrate, regularize
+from gpts_edge.training.data import Source, make_sampler
 from gpts_edge.training.train import Trainer, preset_config
 from tests.conftest import run_cli
 
@@ -162,9 +165,11 @@ def test_calibration_folds_the_temperature_into_the_final_norm(tmp_path) -> None
         torch.testing.assert_close(cal.eval()(ids)[0], raw.eval()(ids)[0] / t, rtol=1e-3, atol=1e-4)
 
 
-def test_the_finetune_preset_calibrates_and_the_cli_can_turn_it_off(tmp_path) -> None:
+def test_the_finetune_preset_calibrates_in_passes_and_the_cli_can_turn_calibration_off(tmp_path) -> None:
     assert preset_config(None, init="default").calibrate is True
     assert preset_config("tiny").calibrate is False
+    assert preset_config(None, init="default").sampling == "passes"  # and random windows otherwise
+    assert preset_config("gpt-s-1.4m").sampling == "random"
     short = tmp_path / "note.txt"  # shorter than a window: a fast step
     short.write_text(FIXTURE.read_text(encoding="utf-8")[:1500], encoding="utf-8")
 
@@ -174,7 +179,36 @@ def test_the_finetune_preset_calibrates_and_the_cli_can_turn_it_off(tmp_path) ->
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
-    off = run("off", "--no-calibrate")
+    off = run("off", "--no-calibrate", "--sampling", "random")
     assert "calibration:" not in off and "temperature" not in off.splitlines()[-1]
     on = run("on")
     assert "calibration: temperature" in on and "temperature" in on.splitlines()[-1]
+    for name, sampling in (("off", "random"), ("on", "passes")):
+        state = sorted((tmp_path / name / "checkpoints").glob("step-*/train_state.json"))[-1]
+        assert json.loads(state.read_text())["train_config"]["sampling"] == sampling
+
+
+def _source(n: int) -> Source:
+    return Source("s", 1.0, np.arange(n, dtype=np.uint16), np.arange(5, dtype=np.uint16))
+
+
+def test_passes_train_on_every_token_once_per_pass_and_resume_exactly() -> None:
+    # 1000 tokens in windows of 16 from a random offset below 16: 61 or 62 windows a pass.
+    sampler = make_sampler("passes", [_source(1000)], seq_len=16, seed=3)
+    windows = [row for _ in range(10) for row in sampler.batch(13)]  # 130 windows: two passes and more
+    one_pass = np.concatenate([w[:-1] for w in windows[:61]])
+    assert len(np.unique(one_pass)) == 61 * 16  # no token twice within a pass
+    random_windows = make_sampler("random", [_source(1000)], seq_len=16, seed=3)
+    drawn = np.concatenate([w[:-1] for w in random_windows.batch(61)])
+    assert len(np.unique(drawn)) < 61 * 16  # independent random windows overlap
+    state = json.loads(json.dumps(sampler.state()))  # what train_state.json holds
+    ahead = [sampler.batch(7) for _ in range(12)]  # crosses into the next pass
+    again = make_sampler("passes", [_source(1000)], seq_len=16, seed=3)
+    again.set_state(state)
+    for expected in ahead:
+        assert np.array_equal(again.batch(7), expected)
+
+
+def test_unknown_sampling_is_a_clear_error() -> None:
+    with pytest.raises(GptsError, match="--sampling: expected random or passes"):
+        make_sampler("shuffled", [_source(100)], seq_len=16, seed=0)

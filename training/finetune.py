@@ -44,6 +44,7 @@ FINETUNE_TRAINING: dict[str, Any] = {
     "val_fraction": 0.05,
     "keep": "best",
     "calibrate": True,
+    "sampling": "passes",
     "log_every": 1,
     "eval_every": 0,
     "eval_windows": 16,

@@ -45,7 +45,7 @@ from gpts_edge.model import GPTS, state_to_weights, weights_to_state
 from gpts_edge.training import calibrate, finetune, regularize
 from gpts_edge.training.checkpointing import optim_from_tensors, optim_to_tensors, plot_metrics
 from gpts_edge.training.checks import check_resume, check_train_config, parse_overrides, trim_metrics
-from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
+from gpts_edge.training.data import DocumentFilter, load_sources, make_sampler, validation_windows
 from gpts_edge.training.device import dist_info, pick_device
 from gpts_edge.training.schedule import wsd_lr
 
@@ -92,6 +92,7 @@ class TrainConfig:
     embed_lr_scale: float = 1.0  # the tied embedding/head's LR as a fraction of --lr (0: frozen)
     decay_to_init: bool = False  # weight decay toward the initial weights (L2-SP), not toward zero
     calibrate: bool = False  # at the end, fit a temperature on the validation windows into the weights
+    sampling: str = "random"  # random windows, or "passes": every token once per pass (data.PassSampler)
     cpu_micro_batch: int = 16  # on CPU, larger batches run as micro-batches of this size (0: off)
     resume: bool = False
     override_resume: str | None = None  # settings allowed to differ from the resumed snapshot's
@@ -204,7 +205,7 @@ class Trainer:
             val = validation_windows(self.sources, self.seq_len, tc.eval_windows)
         self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
         self.val = torch.from_numpy(val)
-        self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
+        self.sampler = make_sampler(tc.sampling, self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * self.seq_len * self.world
         self.max_steps = tc.max_steps or (math.ceil(tc.tokens / self.tokens_per_step) if tc.tokens else None)
         if not self.max_steps and tc.epochs:
@@ -410,16 +411,12 @@ class Trainer:
                 rec["ema_val_loss"] = round(self.evaluate(), 6)
             candidates.append((rec["ema_val_loss"], "ema"))
         val_loss, which = min(candidates)
-        if self.tc.keep != "best" or self.rank != 0:
-            return rec
-        if self.best is not None and val_loss >= self.best["val_loss"]:
+        worse = self.best is not None and val_loss >= self.best["val_loss"]
+        if self.tc.keep != "best" or self.rank != 0 or worse:
             return rec
         self.best = {"step": self.step, "val_loss": val_loss, "weights": which}
         with tempfile.TemporaryDirectory(prefix=".best-", dir=self.out) as d:
-            if which == "ema":
-                with self.ema.swapped_in(self.model):
-                    weights = state_to_weights(self.model)
-            else:
+            with self.ema.swapped_in(self.model) if which == "ema" else contextlib.nullcontext():
                 weights = state_to_weights(self.model)
             save_checkpoint(Path(d) / "ckpt", self.cfg, weights, self.tokenizer_json, self.generation)
             self._mirror(Path(d) / "ckpt")
