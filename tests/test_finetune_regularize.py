@@ -209,6 +209,12 @@ def test_passes_train_on_every_token_once_per_pass_and_resume_exactly() -> None:
         assert np.array_equal(again.batch(7), expected)
 
 
-def test_unknown_sampling_is_a_clear_error() -> None:
+def test_unknown_sampling_or_a_snapshot_of_the_other_kind_is_a_clear_error() -> None:
     with pytest.raises(GptsError, match="--sampling: expected random or passes"):
         make_sampler("shuffled", [_source(100)], seq_len=16, seed=0)
+    random_state = make_sampler("random", [_source(100)], seq_len=16, seed=0).state()
+    passes_state = make_sampler("passes", [_source(100)], seq_len=16, seed=0).state()
+    with pytest.raises(GptsError, match="written with --sampling random"):
+        make_sampler("passes", [_source(100)], seq_len=16, seed=0).set_state(random_state)
+    with pytest.raises(GptsError, match="written with --sampling passes"):
+        make_sampler("random", [_source(100)], seq_len=16, seed=0).set_state(passes_state)

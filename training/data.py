@@ -277,6 +277,8 @@ class Sampler:
         return self.rng.bit_generator.state
 
     def set_state(self, state: dict) -> None:
+        if "passes" in state:
+            raise GptsError("the snapshot was written with --sampling passes; resume with --sampling passes")
         self.rng.bit_generator.state = state
 
 
@@ -318,6 +320,8 @@ class PassSampler(Sampler):
         return {"rng": super().state(), "passes": [list(c) for c in self.cursor]}
 
     def set_state(self, state: dict) -> None:
+        if "passes" not in state:
+            raise GptsError("the snapshot was written with --sampling random; resume with --sampling random")
         super().set_state(state["rng"])
         self.cursor = [list(c) for c in state["passes"]]
 
