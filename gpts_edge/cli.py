@@ -182,6 +182,10 @@ def train(
     cpu_micro_batch: Annotated[
         int | None, typer.Option(help="On CPU, run larger batches as micro-batches of this size (0: off).")
     ] = None,
+    calibrate: Annotated[
+        bool | None, typer.Option(help="Fold a temperature fitted on the validation slice into the result.")
+    ] = None,
+    sampling: Annotated[str | None, typer.Option(help="random windows | passes over the text")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot in --out.")] = False,
     override_resume: Annotated[
         str | None,
@@ -225,6 +229,8 @@ def train(
             val_fraction=val_fraction,
             keep=keep,
             cpu_micro_batch=cpu_micro_batch,
+            calibrate=calibrate,
+            sampling=sampling,
             resume=resume,
             override_resume=override_resume,
             decontaminate=decontaminate,

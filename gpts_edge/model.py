@@ -121,8 +121,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -130,20 +131,29 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, past, mask):
         a, present = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._drop(a)
+        x = x + self._drop(self.mlp(self.post_attention_layernorm(x)))
         return x, present
+
+    def _drop(self, branch: torch.Tensor) -> torch.Tensor:
+        # Only while fine-tuning: in eval mode (and at dropout 0) the branch passes untouched.
+        if self.dropout and self.training:
+            return F.dropout(branch, self.dropout, training=True)
+        return branch
 
 
 class GPTS(nn.Module):
     """Parameter names follow HF llama (``model.layers.0.self_attn.q_proj.weight`` ...) minus the
-    ``model.`` prefix, which checkpoint.py adds; the head is tied to ``embed_tokens``."""
+    ``model.`` prefix, which checkpoint.py adds; the head is tied to ``embed_tokens``.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``dropout`` is a training setting, not part of the architecture (never in config.json): the
+    residual branches' outputs are dropped with this probability in train mode only."""
+
+    def __init__(self, cfg: ModelConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, dropout) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def init_weights(self, seed: int | None = None) -> GPTS:

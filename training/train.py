@@ -15,6 +15,7 @@ complete checkpoints behind; ``--resume`` continues from the newest snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,14 +42,16 @@ from gpts_edge.checkpoint import (
 from gpts_edge.config import PRESETS, ModelConfig
 from gpts_edge.errors import GptsError
 from gpts_edge.model import GPTS, state_to_weights, weights_to_state
-from gpts_edge.training import finetune
+from gpts_edge.training import calibrate, finetune, regularize
 from gpts_edge.training.checkpointing import optim_from_tensors, optim_to_tensors, plot_metrics
 from gpts_edge.training.checks import check_resume, check_train_config, parse_overrides, trim_metrics
-from gpts_edge.training.data import DocumentFilter, Sampler, load_sources, validation_windows
+from gpts_edge.training.data import DocumentFilter, load_sources, make_sampler, validation_windows
+from gpts_edge.training.device import dist_info, pick_device
 from gpts_edge.training.schedule import wsd_lr
 
 STATE_FILE = "train_state.json"
 OPTIM_FILE = "optimizer.safetensors"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -84,6 +87,12 @@ class TrainConfig:
     epochs: float | None = None  # passes over the training text; --max-steps / --tokens take precedence
     val_fraction: float | None = None  # hold out this tail of every source for validation
     keep: str = "last"  # top-level checkpoint: the newest ("last") or the best validation loss ("best")
+    ema: float = 0.0  # decay per step of an average of the weights, validated beside them (0: off)
+    dropout: float = 0.0  # on the residual branches while training (never at inference)
+    embed_lr_scale: float = 1.0  # the tied embedding/head's LR as a fraction of --lr (0: frozen)
+    decay_to_init: bool = False  # weight decay toward the initial weights (L2-SP), not toward zero
+    calibrate: bool = False  # at the end, fit a temperature on the validation windows into the weights
+    sampling: str = "random"  # random windows, or "passes": every token once per pass (data.PassSampler)
     cpu_micro_batch: int = 16  # on CPU, larger batches run as micro-batches of this size (0: off)
     resume: bool = False
     override_resume: str | None = None  # settings allowed to differ from the resumed snapshot's
@@ -119,27 +128,6 @@ def preset_config(preset: str | None, **overrides: Any) -> TrainConfig:
     return TrainConfig(preset=preset, **values)
 
 
-# --- distributed ------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int, int]:
-    return (
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise GptsError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
-    if name != "cpu":
-        raise GptsError(f"--device: expected auto, cpu or cuda[:N], found {name!r}")
-    return torch.device("cpu")
-
-
 # --- snapshots --------------------------------------------------------------------------------
 def _snapshots(out: Path) -> list[Path]:
     root = out / "checkpoints"
@@ -156,11 +144,11 @@ class Trainer:
         check_train_config(tc)
         self.resume_overrides = parse_overrides(tc.override_resume)
         self.tc = tc
-        self.rank, self.world, local_rank = _dist_info()
+        self.rank, self.world, local_rank = dist_info()
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and tc.device != "cpu" else "gloo"
             torch.distributed.init_process_group(backend)
-        self.device = _pick_device(tc.device, local_rank)
+        self.device = pick_device(tc.device, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -217,7 +205,7 @@ class Trainer:
             val = validation_windows(self.sources, self.seq_len, tc.eval_windows)
         self.decontamination = self._decontamination_report(eval_summary) if eval_summary else None
         self.val = torch.from_numpy(val)
-        self.sampler = Sampler(self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
+        self.sampler = make_sampler(tc.sampling, self.sources, self.seq_len, seed=tc.seed + 1000 * self.rank)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * self.seq_len * self.world
         self.max_steps = tc.max_steps or (math.ceil(tc.tokens / self.tokens_per_step) if tc.tokens else None)
         if not self.max_steps and tc.epochs:
@@ -233,27 +221,28 @@ class Trainer:
             raise GptsError(f"--eval-every: expected a positive number, found {tc.eval_every}")
 
         torch.manual_seed(tc.seed)
-        self.model = GPTS(self.cfg).init_weights(tc.seed).to(self.device)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]  # norms: no weight decay
-        self.param_names = [n for n, p in self.model.named_parameters() if p.ndim >= 2] + [
-            n for n, p in self.model.named_parameters() if p.ndim < 2
-        ]
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        self.model = GPTS(self.cfg, dropout=tc.dropout).init_weights(tc.seed).to(self.device)
+        self.opt, self.param_names = regularize.optimizer(
+            self.model,
             lr=tc.lr,
+            weight_decay=tc.weight_decay,
             betas=tc.betas,
-            eps=1e-8,
-            fused=fused,
+            embed_lr_scale=tc.embed_lr_scale,
+            fused=self.device.type == "cuda",
         )
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.best: dict[str, Any] | None = None  # {"step", "val_loss"} of the kept checkpoint (--keep best)
-        if self.init is not None and not tc.resume:
+        if self.init is not None:  # also on --resume: the initial weights anchor L2-SP and the EMA
             self.model.load_state_dict(weights_to_state(self.init.checkpoint.weights))
             self.model.to(self.device)
+        self.ema = regularize.WeightEMA(self.model, tc.ema) if tc.ema else None
+        self.to_init = (
+            regularize.DecayToInit(self.opt, regularize.initial_copies(self.model))
+            if tc.decay_to_init
+            else None
+        )
         if tc.resume:
             self._resume()
         elif _snapshots(self.out):
@@ -330,6 +319,8 @@ class Trainer:
         self.model.load_state_dict(weights_to_state(weights))
         self.model.to(self.device)
         optim_from_tensors(self.opt, self.param_names, load_file(str(snap / OPTIM_FILE)))
+        if self.ema is not None:
+            self.ema.load(load_file(str(snap / EMA_FILE)))
         self.sampler.set_state(state["sampler"][self.rank])
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
@@ -369,6 +360,8 @@ class Trainer:
                 os.replace(f, tmp / f.name)
             (tmp / "ckpt").rmdir()
             save_file(optim_to_tensors(self.opt, self.param_names), str(tmp / OPTIM_FILE))
+            if self.ema is not None:
+                save_file(self.ema.tensors(), str(tmp / EMA_FILE))
             state = {
                 "step": self.step,
                 "tokens": self.tokens_seen,
@@ -408,18 +401,26 @@ class Trainer:
             shutil.copyfile(src / name, tmpf)
             os.replace(tmpf, self.out / name)
 
-    def _keep_if_best(self, val_loss: float) -> None:
-        """--keep best: the top level holds the weights with the lowest validation loss so far."""
-        if self.tc.keep != "best" or self.rank != 0:
-            return
-        if self.best is not None and val_loss >= self.best["val_loss"]:
-            return
-        self.best = {"step": self.step, "val_loss": val_loss}
+    def _validate(self) -> dict[str, float]:
+        """Validation loss of the weights (and of their EMA); with --keep best the top level then
+        holds the weights with the lowest validation loss so far, the EMA's when it is lower."""
+        rec = {"val_loss": round(self.evaluate(), 6)}
+        candidates = [(rec["val_loss"], "raw")]
+        if self.ema is not None:
+            with self.ema.swapped_in(self.model):
+                rec["ema_val_loss"] = round(self.evaluate(), 6)
+            candidates.append((rec["ema_val_loss"], "ema"))
+        val_loss, which = min(candidates)
+        worse = self.best is not None and val_loss >= self.best["val_loss"]
+        if self.tc.keep != "best" or self.rank != 0 or worse:
+            return rec
+        self.best = {"step": self.step, "val_loss": val_loss, "weights": which}
         with tempfile.TemporaryDirectory(prefix=".best-", dir=self.out) as d:
-            save_checkpoint(
-                Path(d) / "ckpt", self.cfg, state_to_weights(self.model), self.tokenizer_json, self.generation
-            )
+            with self.ema.swapped_in(self.model) if which == "ema" else contextlib.nullcontext():
+                weights = state_to_weights(self.model)
+            save_checkpoint(Path(d) / "ckpt", self.cfg, weights, self.tokenizer_json, self.generation)
             self._mirror(Path(d) / "ckpt")
+        return rec
 
     # -- steps --
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -464,6 +465,8 @@ class Trainer:
                 f"{self.val.numel():,} validation tokens",
                 flush=True,
             )
+            if regularize.describe(tc):
+                print(f"against over-fitting: {regularize.describe(tc)}", flush=True)
             if tc.progress:
                 from tqdm import tqdm
 
@@ -473,11 +476,10 @@ class Trainer:
                 )
         if self.step == 0 and (self.init is not None or tc.keep == "best"):
             # The starting point's validation loss: the "before" of a fine-tune.
-            val0 = round(self.evaluate(), 6)
-            self._keep_if_best(val0)
-            post["val"] = f"{val0:.3f}"
+            val0 = self._validate()
+            post["val"] = f"{val0['val_loss']:.3f}"
             if log is not None:
-                log.write(json.dumps({"step": 0, "tokens": 0, "val_loss": val0}) + "\n")
+                log.write(json.dumps({"step": 0, "tokens": 0, **val0}) + "\n")
                 log.flush()
             if bar is not None:
                 bar.set_postfix(post)
@@ -494,13 +496,12 @@ class Trainer:
                     total=self.max_steps or 10**12,
                     decay_start_frac=tc.decay_start_frac,
                 )
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
+                regularize.set_lr(self.opt, lr)
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(tc.grad_accum):
                     batch, nxt = nxt, None
                     sync = micro == tc.grad_accum - 1 or self.world == 1
-                    ctx = self.ddp_model.no_sync() if not sync else _nullcontext()
+                    ctx = self.ddp_model.no_sync() if not sync else contextlib.nullcontext()
                     with ctx:
                         loss = self._loss(batch) / tc.grad_accum
                         # Draw the next batch while the GPU works on this one.
@@ -511,6 +512,10 @@ class Trainer:
                         bar.set_postfix({**post, "micro": f"{micro + 1}/{tc.grad_accum}"})
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
                 self.opt.step()
+                if self.to_init is not None:
+                    self.to_init.after_step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
@@ -546,8 +551,7 @@ class Trainer:
                         "grad_norm": round(float(gnorm), 4),
                     }
                     if self.step % tc.eval_every == 0 or self.step == self.max_steps:
-                        rec["val_loss"] = round(self.evaluate(), 6)
-                        self._keep_if_best(rec["val_loss"])
+                        rec.update(self._validate())
                         post["val"] = f"{rec['val_loss']:.3f}"
                     last = rec
                     if log is not None:
@@ -563,8 +567,7 @@ class Trainer:
                     last_ckpt_time = time.time()
             if self.step > start_step or not _snapshots(self.out):
                 if not last or "val_loss" not in last:
-                    last = {**last, "step": self.step, "val_loss": round(self.evaluate(), 6)}
-                    self._keep_if_best(last["val_loss"])
+                    last = {**last, "step": self.step, **self._validate()}
                 self.save()
         finally:
             if bar is not None:
@@ -573,20 +576,15 @@ class Trainer:
                 log.close()
         if self.rank == 0 and metrics_path.is_file():
             plot_metrics(metrics_path, self.out / "loss.png")
-        return {
+        result = {
             "step": self.step,
             "tokens": self.tokens_seen,
             **{k: last.get(k) for k in ("loss", "val_loss")},
             **({"best_step": self.best["step"], "best_val_loss": self.best["val_loss"]} if self.best else {}),
         }
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        if tc.calibrate and self.rank == 0 and self.step == self.max_steps and self.step > start_step:
+            result["temperature"] = calibrate.calibrate_checkpoint(self.out, self.val, self._say)
+        return result
 
 
 def train(tc: TrainConfig, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
