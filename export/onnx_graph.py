@@ -220,7 +220,7 @@ def build_model(
             linear_inputs[name] = x
         if not quant:
             return g.op("MatMul", [x, g.init(f"{name}.weight", weight.T)], name=name)
-        if quantize == "int8":
+        if quantize == "int8" or scheme.folded_for(name):
             wt = g.op("Transpose", [int8_weight(weight, name)], name=f"{name}/weight_t", perm=[1, 0])
             return g.op("MatMul", [x, wt], name=name)
         qw = nbits_weight(weight, name)
@@ -237,7 +237,7 @@ def build_model(
             bits=qw.bits,
             block_size=qw.block,
             # 4: int8 activations inside the kernel (docs/onnx.md has what it costs and buys).
-            accuracy_level=scheme.accuracy_level,
+            accuracy_level=scheme.level_for(name),
         )
 
     # Constants shared by all layers. The rotary tables (context x head_dim/2, 49 KB for GPT-S)
@@ -483,7 +483,7 @@ def build_model(
             N=V,
             bits=e_q.bits,
             block_size=e_q.block,
-            accuracy_level=scheme.accuracy_level,
+            accuracy_level=scheme.level_for("lm_head"),
             outputs=[ONNX_LOGITS],
         )
     else:

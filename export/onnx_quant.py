@@ -68,9 +68,32 @@ class Int4Scheme:
     act_order: bool = True
     accuracy_level: int = 4
     refit: bool = True
+    # Groups whose MatMulNBits runs at accuracy_level 0 (float32 activations) whatever
+    # ``accuracy_level`` says.
+    float_activations: tuple[str, ...] = ()
+    # Groups stored as int8 blocks behind DequantizeLinear, which onnxruntime folds to a float32
+    # MatMul at load (the int8 graph of before): exact activations, float32 bytes read per step.
+    folded: tuple[str, ...] = ()
+    # Quantization-aware distillation steps before rounding (export/onnx_distill.py; needs
+    # torch at export time); 0: none. ``distill_lr`` is its peak learning rate.
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    distill_batch: int = 8
+    # SmoothQuant strength (smooth_weights) for int8 activations; 0: off.
+    smooth: float = 0.0
+
+    @staticmethod
+    def _in(name: str, groups: tuple[str, ...]) -> bool:
+        return any(name == g or name.endswith("/" + g) for g in groups)
 
     def _wide(self, name: str) -> bool:
-        return any(name == g or name.endswith("/" + g) for g in self.int8)
+        return self._in(name, self.int8)
+
+    def level_for(self, name: str) -> int:
+        return 0 if self._in(name, self.float_activations) else self.accuracy_level
+
+    def folded_for(self, name: str) -> bool:
+        return self._in(name, self.folded)
 
     def bits_for(self, name: str) -> int:
         return 8 if self._wide(name) else 4
@@ -256,3 +279,40 @@ def int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of ``quantize_blockwise`` (for tests and error estimates)."""
     return QWeight(packed, scales, None, bits, packed.shape[-1] * 8 // bits).dequantize(k)
+
+
+def smooth_weights(
+    num_layers: int, weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], alpha: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Move activation outliers into the weights (SmoothQuant, Xiao et al. 2022) where the model
+    allows it exactly: input channel c of a linear is divided by s_c and the weight's column c
+    multiplied by it, s_c = rms(x_c)^alpha / max|W_c|^(1 - alpha). The division is folded into what
+    produces the input: the RMSNorm weight before q|k|v and before gate|up, the up_proj row before
+    down_proj (silu(gate) * up is linear in up). The float model computes the same function;
+    int8 activations inside MatMulNBits (accuracy_level 4) lose less. Returns new weights and the
+    Hessians of the scaled inputs (H / s s^T)."""
+    w = dict(weights)
+    h = dict(hessians)
+
+    def scale(name: str, cols: list[str]) -> np.ndarray:
+        rms = np.sqrt(np.maximum(np.diag(hessians[name]), 1e-30))
+        wmax = np.max([np.abs(w[c]).max(0) for c in cols], axis=0).astype(np.float64)
+        s = rms**alpha / np.maximum(wmax, 1e-12) ** (1 - alpha)
+        s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: only the ratios matter
+        for c in cols:
+            w[c] = (w[c] * s[None, :]).astype(np.float32)
+        h[name] = hessians[name] / np.outer(s, s)
+        return s
+
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        attn = [p + f"self_attn.{k}_proj.weight" for k in "qkv"]
+        s = scale(f"layers.{i}/attn/qkv_proj", attn)
+        w[p + "input_layernorm.weight"] = (w[p + "input_layernorm.weight"] / s).astype(np.float32)
+        s = scale(f"layers.{i}/mlp/gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        w[p + "post_attention_layernorm.weight"] = (w[p + "post_attention_layernorm.weight"] / s).astype(
+            np.float32
+        )
+        s = scale(f"layers.{i}/mlp/down_proj", [p + "mlp.down_proj.weight"])
+        w[p + "mlp.up_proj.weight"] = (w[p + "mlp.up_proj.weight"] / s[:, None]).astype(np.float32)
+    return w, h
