@@ -25,7 +25,7 @@ from gpts_edge.export.onnx_graph import (
     decode_supported,
     max_supported_opset,
 )
-from gpts_edge.export.onnx_quant import DEFAULT_INT4, Int4Scheme
+from gpts_edge.export.onnx_quant import Int4Scheme
 from gpts_edge.fileio import atomic_file, require_output_dir, temp_dir_beside
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
@@ -170,9 +170,7 @@ def export_onnx(
     log("[1/4] loading checkpoint")
     ckpt = load_checkpoint(model)
     log(f"[2/4] building graph ({quantize}, opset {opset})")
-    weights, hessians = quantization_inputs(
-        ckpt.config, ckpt.weights, ckpt.tokenizer, quantize, scheme or DEFAULT_INT4, log
-    )
+    weights, hessians = quantization_inputs(ckpt.config, ckpt.weights, ckpt.tokenizer, quantize, scheme, log)
     proto = build_model(
         ckpt.config, weights, quantize=quantize, opset=opset, hessians=hessians, scheme=scheme
     )

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpts_edge.config import ModelConfig
-from gpts_edge.export.onnx_quant import Int4Scheme, smooth_weights
+from gpts_edge.export.onnx_quant import Int4Scheme, default_scheme, smooth_weights
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class DistillConfig:
     length: int = 256
     lr: float = 1e-4
     seed: int = 0
-    threads: int = 0  # 0: torch's default
+    # One thread: the same bytes on every machine (a reduction's order depends on the thread
+    # count), and no threads spinning on each other on a busy machine; 0: torch's default.
+    threads: int = 1
 
 
 DEFAULT_DISTILL = DistillConfig()
@@ -106,12 +108,13 @@ def distill_weights(
     scheme: Int4Scheme,
     run: DistillConfig = DEFAULT_DISTILL,
     *,
+    start: dict[str, np.ndarray] | None = None,
     ids: np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``weights`` (checkpoint names, float32) after quantization-aware distillation against
-    themselves under ``scheme``; same names and shapes. ``ids`` (windows, length) replaces the
-    shipped calibration text (tests)."""
+    """``weights`` (checkpoint names, float32: the teacher) after quantization-aware distillation
+    under ``scheme``, starting from ``start`` (default: the weights themselves); same names and
+    shapes. ``ids`` (windows, length) replaces the shipped calibration text (tests)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -129,6 +132,8 @@ def distill_weights(
         teacher.load_state_dict(weights_to_state(weights))
         teacher.eval().requires_grad_(False)
         student = copy.deepcopy(teacher).train().requires_grad_(True)
+        if start is not None:
+            student.load_state_dict(weights_to_state(start))
 
         class _Fake(nn.Module):
             def __init__(self, bits: int, block: int, asymmetric: bool) -> None:
@@ -165,7 +170,7 @@ def distill_weights(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if log is not None and (step % 50 == 0 or step == run.steps - 1):
+            if log is not None and (step % 25 == 0 or step == run.steps - 1):
                 log(
                     f"       distill step {step + 1}/{run.steps}: KL {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)"
                 )
@@ -183,23 +188,47 @@ def quantization_inputs(
     weights: dict[str, np.ndarray],
     tokenizer: Any,
     quantize: str,
-    scheme: Int4Scheme,
+    scheme: Int4Scheme | None,
     log: Callable[[str], None],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """What ``build_model`` quantizes for ``quantize``: the weights (distilled when the scheme
-    asks for it) and the calibration Hessians (for GPTQ; None when nothing uses them)."""
+    """What ``build_model`` quantizes for ``quantize`` under ``scheme`` (None: the default for
+    ``quantize``): the weights (distilled or smoothed when the scheme asks for it) and the
+    calibration Hessians (for GPTQ; None when nothing uses them)."""
     from gpts_edge.export.onnx_calibration import calibration_hessians
 
     if quantize == "none":
         return weights, None
-    if quantize == "int4" and scheme.distill_steps:
+    scheme = scheme or default_scheme(quantize)
+    if scheme.distill_steps:
+        start = None
+        if scheme.distill_from_gptq:
+            log(
+                f"       calibrating {quantize} (GPTQ on the shipped calibration text, the distillation's start)"
+            )
+            start = gptq_rounded(weights, calibration_hessians(cfg, weights, tokenizer=tokenizer), scheme)
         log(f"       distilling {quantize} ({scheme.distill_steps} steps on the shipped calibration text)")
         run = DistillConfig(steps=scheme.distill_steps, lr=scheme.distill_lr, batch=scheme.distill_batch)
-        weights = distill_weights(cfg, weights, tokenizer, scheme, run, log=log)
-    if quantize == "int4" and not scheme.gptq and not scheme.folded:
+        weights = distill_weights(cfg, weights, tokenizer, scheme, run, start=start, log=log)
+    if not (scheme.gptq or scheme.refit) and not scheme.folded and not scheme.smooth:
         return weights, None
     log(f"       calibrating {quantize} (GPTQ on the shipped calibration text)")
     hessians = calibration_hessians(cfg, weights, tokenizer=tokenizer)
-    if quantize == "int4" and scheme.smooth:
+    if scheme.smooth:
         weights, hessians = smooth_weights(cfg.num_layers, weights, hessians, scheme.smooth)
     return weights, hessians
+
+
+def gptq_rounded(
+    weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], scheme: Int4Scheme
+) -> dict[str, np.ndarray]:
+    """Each layer weight replaced by its GPTQ rounding under ``scheme`` (dequantized, per
+    checkpoint weight: the graph's fused groups are rounded row by row, so q, k and v can be
+    rounded apart with the fused group's Hessian); the table and norms unchanged."""
+    out = dict(weights)
+    plain = scheme.with_(refit=False)  # refit scales are not min/max ones: RTN would not keep them
+    for name, w in weights.items():
+        group = graph_name(name.removeprefix("model."))
+        if group is None or group not in hessians:
+            continue
+        out[name] = plain.quantize(w, group, hessians[group]).dequantize(w.shape[1])
+    return out

@@ -79,6 +79,9 @@ class Int4Scheme:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_batch: int = 8
+    # Start the distillation from the GPTQ-rounded weights (then export with round-to-nearest,
+    # which keeps those codes where training did not move them) instead of the float ones.
+    distill_from_gptq: bool = False
     # SmoothQuant strength (smooth_weights) for int8 activations; 0: off.
     smooth: float = 0.0
 
@@ -106,7 +109,7 @@ class Int4Scheme:
 
     def quantize(self, weight: np.ndarray, name: str, hessian: np.ndarray | None = None) -> QWeight:
         """``weight`` (N, K) of graph weight ``name``: GPTQ when ``hessian`` is given (and
-        ``gptq``), else round-to-nearest."""
+        ``gptq``), else round-to-nearest (then the scales refit when ``refit`` and a Hessian)."""
         bits, block = self.bits_for(name), self.block_for(name)
         # A block wider than the row would pad it, and the embedding lookup (GatherBlockQuantized)
         # would then return the padding as extra features: small models (hidden 64) use the
@@ -122,13 +125,53 @@ class Int4Scheme:
                 act_order=self.act_order,
                 refit=self.refit,
             )
-        return quantize_weight(weight, bits, block, asymmetric=self.asymmetric)
+        qw = quantize_weight(weight, bits, block, asymmetric=self.asymmetric)
+        if self.refit and hessian is not None:
+            # Round to nearest (a distilled weight's codes), then the least-output-error scales.
+            q = qw.packed
+            if bits == 4:
+                q = np.stack([q & 15, q >> 4], -1).reshape(*q.shape[:-1], -1)
+            k = weight.shape[1]
+            zeros = (
+                qw.zero_points
+                if qw.zero_points is not None
+                else np.full(qw.scales.shape, 2 ** (bits - 1), np.uint8)
+            )
+            h = hessian.astype(np.float64)
+            h = h + np.eye(k) * 0.01 * max(float(np.mean(np.diag(h))), 1e-12)
+            scales = _refit_scales(weight, h, q.reshape(q.shape[0], -1)[:, :k], zeros, qw.scales, block)
+            qw = replace(qw, scales=scales)
+        return qw
 
 
 # The measured best passing combination on the bundled model (docs/onnx.md, "int4 choices").
 DEFAULT_INT4 = Int4Scheme()
 # The scheme before 2026-12-03 (everything 4-bit, symmetric, natural column order).
 PLAIN_INT4 = Int4Scheme(int8=(), asymmetric=False, act_order=False, refit=False)
+# Every weight group of the graph, for schemes that put all of them at 8 bits.
+ALL_GROUPS = ("embed", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# ``--quantize int8``: 8-bit MatMulNBits with int8 activations (accuracy_level 4) for the tied
+# table, q|k|v and gate|up, which reads 1.8 MB per token instead of the 5.7 MB of weights folded
+# to float32. The activation rounding alone costs KL 2.6e-3 on this model (the int8 bound is
+# 1e-3): SmoothQuant (alpha 0.5) moves activation outliers into the weights, blocks of 16 halve
+# the rounding's reach, and o_proj and down_proj (inputs that cannot be smoothed, or the worst
+# after smoothing) stay int8 behind DequantizeLinear, folded to float32 at load. docs/onnx.md.
+DEFAULT_INT8 = Int4Scheme(
+    int8=ALL_GROUPS,
+    int8_block=16,
+    asymmetric=False,
+    act_order=False,
+    refit=False,
+    smooth=0.5,
+    folded=("o_proj", "down_proj"),
+)
+# The int8 export before 2026-12-03: every weight (the table too) int8 behind DequantizeLinear.
+LEGACY_INT8 = Int4Scheme(folded=ALL_GROUPS, asymmetric=False, act_order=False, refit=False)
+
+
+def default_scheme(quantize: str) -> Int4Scheme:
+    """The scheme ``build_model`` uses for ``quantize`` (int8 or int4) when none is given."""
+    return DEFAULT_INT8 if quantize == "int8" else DEFAULT_INT4
 
 
 def _block_params(blocks: np.ndarray, bits: int, asymmetric: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -97,7 +97,7 @@ def test_the_exported_int4_graph_computes_the_distilled_student(
     from gpts_edge.export.onnx import export_onnx
 
     # float32 activations in MatMulNBits, so the only difference left is summation order.
-    scheme = DEFAULT_INT4.with_(gptq=False, distill_steps=5, distill_lr=1e-3, accuracy_level=0)
+    scheme = DEFAULT_INT4.with_(gptq=False, refit=False, distill_steps=5, distill_lr=1e-3, accuracy_level=0)
     seen: dict[str, dict[str, np.ndarray]] = {}
     real = distill.distill_weights
 
