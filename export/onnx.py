@@ -170,7 +170,9 @@ def export_onnx(
     log("[1/4] loading checkpoint")
     ckpt = load_checkpoint(model)
     log(f"[2/4] building graph ({quantize}, opset {opset})")
-    weights, hessians = quantization_inputs(ckpt.config, ckpt.weights, ckpt.tokenizer, quantize, scheme, log)
+    weights, hessians, scheme = quantization_inputs(
+        ckpt.config, ckpt.weights, ckpt.tokenizer, quantize, scheme, log
+    )
     proto = build_model(
         ckpt.config, weights, quantize=quantize, opset=opset, hessians=hessians, scheme=scheme
     )

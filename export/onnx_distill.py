@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpts_edge.config import ModelConfig
-from gpts_edge.export.onnx_quant import Int4Scheme, default_scheme, smooth_weights
+from gpts_edge.export.onnx_quant import GPTQ_INT4, Int4Scheme, default_scheme, smooth_weights
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ class DistillConfig:
     learning rate ``lr`` (linear warm-up over the first 5 %, cosine decay to zero), fixed seed."""
 
     steps: int = 300
-    batch: int = 8
+    batch: int = 4
     length: int = 256
-    lr: float = 1e-4
+    lr: float = 7e-4
     seed: int = 0
     # One thread: the same bytes on every machine (a reduction's order depends on the thread
     # count), and no threads spinning on each other on a busy machine; 0: torch's default.
@@ -190,15 +190,22 @@ def quantization_inputs(
     quantize: str,
     scheme: Int4Scheme | None,
     log: Callable[[str], None],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, Int4Scheme]:
     """What ``build_model`` quantizes for ``quantize`` under ``scheme`` (None: the default for
-    ``quantize``): the weights (distilled or smoothed when the scheme asks for it) and the
-    calibration Hessians (for GPTQ; None when nothing uses them)."""
+    ``quantize``): the weights (distilled or smoothed when the scheme asks for it), the
+    calibration Hessians (for GPTQ; None when nothing uses them) and the scheme to build with
+    (GPTQ_INT4 when distillation was asked for but torch is missing, said to ``log``)."""
     from gpts_edge.export.onnx_calibration import calibration_hessians
 
-    if quantize == "none":
-        return weights, None
     scheme = scheme or default_scheme(quantize)
+    if quantize == "none":
+        return weights, None, scheme
+    if scheme.distill_steps and not _has_torch():
+        log(
+            f"       note: torch is not installed, so {quantize} is rounded with GPTQ instead of being "
+            "distilled first (less accurate: docs/onnx.md); pip install 'gpts-edge[export]' for the default"
+        )
+        scheme = GPTQ_INT4
     if scheme.distill_steps:
         start = None
         if scheme.distill_from_gptq:
@@ -207,15 +214,26 @@ def quantization_inputs(
             )
             start = gptq_rounded(weights, calibration_hessians(cfg, weights, tokenizer=tokenizer), scheme)
         log(f"       distilling {quantize} ({scheme.distill_steps} steps on the shipped calibration text)")
-        run = DistillConfig(steps=scheme.distill_steps, lr=scheme.distill_lr, batch=scheme.distill_batch)
+        run = DistillConfig(
+            steps=scheme.distill_steps,
+            lr=scheme.distill_lr,
+            batch=scheme.distill_batch,
+            seed=scheme.distill_seed,
+        )
         weights = distill_weights(cfg, weights, tokenizer, scheme, run, start=start, log=log)
     if not (scheme.gptq or scheme.refit) and not scheme.folded and not scheme.smooth:
-        return weights, None
+        return weights, None, scheme
     log(f"       calibrating {quantize} (GPTQ on the shipped calibration text)")
     hessians = calibration_hessians(cfg, weights, tokenizer=tokenizer)
     if scheme.smooth:
         weights, hessians = smooth_weights(cfg.num_layers, weights, hessians, scheme.smooth)
-    return weights, hessians
+    return weights, hessians, scheme
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def gptq_rounded(

@@ -140,3 +140,26 @@ def test_smoothing_keeps_the_float_model_and_flattens_the_activation_scales(tiny
         assert np.allclose(h, again[name], rtol=1e-3, atol=1e-6 * np.abs(h).max()), name
     spread = lambda h: np.sqrt(np.diag(h)).max() / np.sqrt(np.diag(h)).mean()  # noqa: E731
     assert spread(h2["layers.1/attn/qkv_proj"]) < 0.5 * spread(hessians["layers.1/attn/qkv_proj"])
+
+
+def test_without_torch_int4_falls_back_to_gptq_and_says_so(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpts_edge.export.onnx_distill as distill
+    from gpts_edge.export.onnx import export_onnx
+    from gpts_edge.export.onnx_quant import GPTQ_INT4
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("distillation ran without torch")
+
+    monkeypatch.setattr(distill, "_has_torch", lambda: False)
+    monkeypatch.setattr(distill, "distill_weights", no_training)
+    lines: list[str] = []
+    a = export_onnx(tiny_checkpoint, tmp_path / "a.onnx", quantize="int4", log=lines.append)
+    assert any("torch is not installed" in line and "GPTQ" in line for line in lines)
+    b = export_onnx(tiny_checkpoint, tmp_path / "b.onnx", quantize="int4", scheme=GPTQ_INT4, log=quiet)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def quiet(_m: str) -> None:
+    pass
