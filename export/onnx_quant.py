@@ -157,8 +157,8 @@ PLAIN_INT4 = Int4Scheme(int8=(), asymmetric=False, act_order=False, refit=False)
 # Every weight group of the graph, for schemes that put all of them at 8 bits.
 ALL_GROUPS = ("embed", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # ``--quantize int8``: 8-bit MatMulNBits with int8 activations (accuracy_level 4) for the tied
-# table, q|k|v and gate|up, which reads 1.8 MB per token instead of the 5.7 MB of weights folded
-# to float32. The activation rounding alone costs KL 2.6e-3 on this model (the int8 bound is
+# table, q|k|v and gate|up: with o_proj/down_proj (below) about 2.6 MB of weights read per token
+# instead of the 5.7 MB of every weight folded to float32. The activation rounding alone costs KL 2.6e-3 on this model (the int8 bound is
 # 1e-3): SmoothQuant (alpha 0.5) moves activation outliers into the weights, blocks of 16 halve
 # the rounding's reach, and o_proj and down_proj (inputs that cannot be smoothed, or the worst
 # after smoothing) stay int8 behind DequantizeLinear, folded to float32 at load. docs/onnx.md.
