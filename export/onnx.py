@@ -16,7 +16,7 @@ from gpts_edge.config import ModelConfig
 from gpts_edge.constants import CONFIG_FILE, DECODE_SUFFIX, GENAI_FILE, LAST_LOGITS_SUFFIX, flavour_file
 from gpts_edge.constants import ONNX_MODEL_FILE as MODEL_FILE
 from gpts_edge.errors import GptsError
-from gpts_edge.export.onnx_calibration import calibration_hessians
+from gpts_edge.export.onnx_distill import quantization_inputs
 from gpts_edge.export.onnx_graph import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -25,6 +25,7 @@ from gpts_edge.export.onnx_graph import (
     decode_supported,
     max_supported_opset,
 )
+from gpts_edge.export.onnx_quant import Int4Scheme
 from gpts_edge.fileio import atomic_file, require_output_dir, temp_dir_beside
 from gpts_edge.names import (
     ONNX_ATTENTION_MASK,
@@ -142,6 +143,7 @@ def export_onnx(
     last_logits_graph: bool = False,
     decode_graph: bool = False,
     force: bool = False,
+    scheme: Int4Scheme | None = None,
 ) -> Path:
     """Export a checkpoint (None: the bundled one) to ``output`` (.onnx) plus its sidecar files.
 
@@ -168,11 +170,12 @@ def export_onnx(
     log("[1/4] loading checkpoint")
     ckpt = load_checkpoint(model)
     log(f"[2/4] building graph ({quantize}, opset {opset})")
-    hessians = None
-    if quantize in ("int8", "int4"):
-        log(f"       calibrating {quantize} (GPTQ on the shipped calibration text)")
-        hessians = calibration_hessians(ckpt.config, ckpt.weights, tokenizer=ckpt.tokenizer)
-    proto = build_model(ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians)
+    weights, hessians, scheme = quantization_inputs(
+        ckpt.config, ckpt.weights, ckpt.tokenizer, quantize, scheme, log
+    )
+    proto = build_model(
+        ckpt.config, weights, quantize=quantize, opset=opset, hessians=hessians, scheme=scheme
+    )
     log(f"[3/4] checking graph ({len(proto.graph.node)} nodes)")
     check_model(proto)
     data = proto.SerializeToString()
@@ -189,7 +192,13 @@ def export_onnx(
         flavours[flavour_file(out.name, DECODE_SUFFIX)] = {"flavour": "decode"}
     for name, kwargs in flavours.items():
         fast = build_model(
-            ckpt.config, ckpt.weights, quantize=quantize, opset=opset, hessians=hessians, **kwargs
+            ckpt.config,
+            weights,
+            quantize=quantize,
+            opset=opset,
+            hessians=hessians,
+            scheme=scheme,
+            **kwargs,
         )
         check_model(fast)  # checked whole, before its weights become references into the full graph
         saved = share_weights(fast, proto, data, out.name)

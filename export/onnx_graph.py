@@ -28,9 +28,9 @@ from gpts_edge.constants import XSA_EPS
 from gpts_edge.errors import GptsError
 from gpts_edge.export.onnx_quant import (
     BLOCK_SIZE,
-    DEFAULT_INT4,
     Int4Scheme,
     QWeight,
+    default_scheme,
     gptq_blockwise,
     int8_blocks,
 )
@@ -155,7 +155,7 @@ def build_model(
     ``hessians`` (linear node name -> X^T X of its inputs) switches int4 layer weights from
     round-to-nearest to GPTQ; ``linear_inputs``, when given, is filled with linear node name -> the
     name of its input tensor (how ``calibration_hessians`` finds what to record). ``scheme``: how
-    int4 stores each weight (default ``onnx_quant.DEFAULT_INT4``).
+    int8/int4 store each weight (default ``onnx_quant.default_scheme(quantize)``).
 
     ``flavour="decode"`` builds the graph the project's own runtime steps with (see DECODE_DOC):
     batch 1, no padding, a fixed-size KV buffer per layer that onnxruntime's GroupQueryAttention
@@ -178,8 +178,11 @@ def build_model(
     d, hd, nh, nkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
     grp, V, eps = cfg.group_size, cfg.vocab_size, float(cfg.rms_norm_eps)
     quant = quantize != "none"
-    block = BLOCK_SIZE[quantize] if quant else 0  # int8's; int4 blocks come from the scheme
-    scheme = scheme or DEFAULT_INT4
+    block = BLOCK_SIZE["int8"]  # DequantizeLinear blocks; MatMulNBits blocks come from the scheme
+    scheme = scheme or default_scheme(quantize)
+    # The tied table folded (int8 behind DequantizeLinear, float32 at load: LEGACY_INT8) or in
+    # MatMulNBits/GatherBlockQuantized.
+    folded_table = quant and scheme.folded_for("embed")
 
     def nbits_weight(weight: np.ndarray, name: str) -> QWeight:
         """An int4-scheme weight: GPTQ where a Hessian was recorded (the layers), else nearest
@@ -220,7 +223,7 @@ def build_model(
             linear_inputs[name] = x
         if not quant:
             return g.op("MatMul", [x, g.init(f"{name}.weight", weight.T)], name=name)
-        if quantize == "int8":
+        if scheme.folded_for(name):
             wt = g.op("Transpose", [int8_weight(weight, name)], name=f"{name}/weight_t", perm=[1, 0])
             return g.op("MatMul", [x, wt], name=name)
         qw = nbits_weight(weight, name)
@@ -237,7 +240,7 @@ def build_model(
             bits=qw.bits,
             block_size=qw.block,
             # 4: int8 activations inside the kernel (docs/onnx.md has what it costs and buys).
-            accuracy_level=scheme.accuracy_level,
+            accuracy_level=scheme.level_for(name),
         )
 
     # Constants shared by all layers. The rotary tables (context x head_dim/2, 49 KB for GPT-S)
@@ -290,7 +293,7 @@ def build_model(
 
     # Token embedding (tied with the head).
     emb = w("model.embed_tokens.weight")
-    if quantize == "int8":
+    if folded_table:
         emb_f = int8_weight(emb, "embed")
         x = g.op("Gather", [emb_f, ONNX_INPUT_IDS], name="embed/gather")
     elif quant:
@@ -458,7 +461,7 @@ def build_model(
         last = g.init("const.last", np.array([-1], dtype=np.int64))
         end = g.init("const.end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
         normed = g.op("Slice", [normed, last, end, "const.axis1"], name="lm_head/last_position")
-    if quantize == "int8":
+    if folded_table:
         head = g.op("Transpose", [emb_f], name="lm_head/weight_t", perm=[1, 0])
         g.op("MatMul", [normed, head], name="lm_head", outputs=[ONNX_LOGITS])
     elif quant:
@@ -483,7 +486,7 @@ def build_model(
             N=V,
             bits=e_q.bits,
             block_size=e_q.block,
-            accuracy_level=scheme.accuracy_level,
+            accuracy_level=scheme.level_for("lm_head"),
             outputs=[ONNX_LOGITS],
         )
     else:

@@ -68,9 +68,36 @@ class Int4Scheme:
     act_order: bool = True
     accuracy_level: int = 4
     refit: bool = True
+    # Groups whose MatMulNBits runs at accuracy_level 0 (float32 activations) whatever
+    # ``accuracy_level`` says.
+    float_activations: tuple[str, ...] = ()
+    # Groups stored as int8 blocks behind DequantizeLinear, which onnxruntime folds to a float32
+    # MatMul at load (the int8 graph of before): exact activations, float32 bytes read per step.
+    folded: tuple[str, ...] = ()
+    # Quantization-aware distillation steps before rounding (export/onnx_distill.py; needs
+    # torch at export time); 0: none. ``distill_lr`` is its peak learning rate.
+    distill_steps: int = 0
+    distill_lr: float = 7e-4
+    distill_batch: int = 4
+    distill_seed: int = 0
+    # Start the distillation from the GPTQ-rounded weights (then export with round-to-nearest,
+    # which keeps those codes where training did not move them) instead of the float ones.
+    distill_from_gptq: bool = False
+    # SmoothQuant strength (smooth_weights) for int8 activations; 0: off.
+    smooth: float = 0.0
+
+    @staticmethod
+    def _in(name: str, groups: tuple[str, ...]) -> bool:
+        return any(name == g or name.endswith("/" + g) for g in groups)
 
     def _wide(self, name: str) -> bool:
-        return any(name == g or name.endswith("/" + g) for g in self.int8)
+        return self._in(name, self.int8)
+
+    def level_for(self, name: str) -> int:
+        return 0 if self._in(name, self.float_activations) else self.accuracy_level
+
+    def folded_for(self, name: str) -> bool:
+        return self._in(name, self.folded)
 
     def bits_for(self, name: str) -> int:
         return 8 if self._wide(name) else 4
@@ -83,7 +110,7 @@ class Int4Scheme:
 
     def quantize(self, weight: np.ndarray, name: str, hessian: np.ndarray | None = None) -> QWeight:
         """``weight`` (N, K) of graph weight ``name``: GPTQ when ``hessian`` is given (and
-        ``gptq``), else round-to-nearest."""
+        ``gptq``), else round-to-nearest (then the scales refit when ``refit`` and a Hessian)."""
         bits, block = self.bits_for(name), self.block_for(name)
         # A block wider than the row would pad it, and the embedding lookup (GatherBlockQuantized)
         # would then return the padding as extra features: small models (hidden 64) use the
@@ -99,13 +126,58 @@ class Int4Scheme:
                 act_order=self.act_order,
                 refit=self.refit,
             )
-        return quantize_weight(weight, bits, block, asymmetric=self.asymmetric)
+        qw = quantize_weight(weight, bits, block, asymmetric=self.asymmetric)
+        if self.refit and hessian is not None:
+            # Round to nearest (a distilled weight's codes), then the least-output-error scales.
+            q = qw.packed
+            if bits == 4:
+                q = np.stack([q & 15, q >> 4], -1).reshape(*q.shape[:-1], -1)
+            k = weight.shape[1]
+            zeros = (
+                qw.zero_points
+                if qw.zero_points is not None
+                else np.full(qw.scales.shape, 2 ** (bits - 1), np.uint8)
+            )
+            h = hessian.astype(np.float64)
+            h = h + np.eye(k) * 0.01 * max(float(np.mean(np.diag(h))), 1e-12)
+            scales = _refit_scales(weight, h, q.reshape(q.shape[0], -1)[:, :k], zeros, qw.scales, block)
+            qw = replace(qw, scales=scales)
+        return qw
 
 
-# The measured best passing combination on the bundled model (docs/onnx.md, "int4 choices").
-DEFAULT_INT4 = Int4Scheme()
+# GPTQ (act-order, zero points, refit scales) on the shipped calibration text: the int4 default
+# before quantization-aware distillation, and what an export without torch falls back to.
+GPTQ_INT4 = Int4Scheme()
+# The measured best passing combination on the bundled model (docs/onnx.md, "int4 choices"):
+# the same storage, the weights distilled against the float model (300 steps of 4 x 256 tokens,
+# peak LR 7e-4) and rounded to nearest, which keeps exactly the codes the distillation trained.
+DEFAULT_INT4 = Int4Scheme(gptq=False, refit=False, distill_steps=300, distill_batch=4, distill_lr=7e-4)
 # The scheme before 2026-12-03 (everything 4-bit, symmetric, natural column order).
 PLAIN_INT4 = Int4Scheme(int8=(), asymmetric=False, act_order=False, refit=False)
+# Every weight group of the graph, for schemes that put all of them at 8 bits.
+ALL_GROUPS = ("embed", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# ``--quantize int8``: 8-bit MatMulNBits with int8 activations (accuracy_level 4) for the tied
+# table, q|k|v and gate|up: with o_proj/down_proj (below) about 2.6 MB of weights read per token
+# instead of the 5.7 MB of every weight folded to float32. The activation rounding alone costs KL 2.6e-3 on this model (the int8 bound is
+# 1e-3): SmoothQuant (alpha 0.5) moves activation outliers into the weights, blocks of 16 halve
+# the rounding's reach, and o_proj and down_proj (inputs that cannot be smoothed, or the worst
+# after smoothing) stay int8 behind DequantizeLinear, folded to float32 at load. docs/onnx.md.
+DEFAULT_INT8 = Int4Scheme(
+    int8=ALL_GROUPS,
+    int8_block=16,
+    asymmetric=False,
+    act_order=False,
+    refit=False,
+    smooth=0.5,
+    folded=("o_proj", "down_proj"),
+)
+# The int8 export before 2026-12-03: every weight (the table too) int8 behind DequantizeLinear.
+LEGACY_INT8 = Int4Scheme(folded=ALL_GROUPS, asymmetric=False, act_order=False, refit=False)
+
+
+def default_scheme(quantize: str) -> Int4Scheme:
+    """The scheme ``build_model`` uses for ``quantize`` (int8 or int4) when none is given."""
+    return DEFAULT_INT8 if quantize == "int8" else DEFAULT_INT4
 
 
 def _block_params(blocks: np.ndarray, bits: int, asymmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -256,3 +328,40 @@ def int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Inverse of ``quantize_blockwise`` (for tests and error estimates)."""
     return QWeight(packed, scales, None, bits, packed.shape[-1] * 8 // bits).dequantize(k)
+
+
+def smooth_weights(
+    num_layers: int, weights: dict[str, np.ndarray], hessians: dict[str, np.ndarray], alpha: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Move activation outliers into the weights (SmoothQuant, Xiao et al. 2022) where the model
+    allows it exactly: input channel c of a linear is divided by s_c and the weight's column c
+    multiplied by it, s_c = rms(x_c)^alpha / max|W_c|^(1 - alpha). The division is folded into what
+    produces the input: the RMSNorm weight before q|k|v and before gate|up, the up_proj row before
+    down_proj (silu(gate) * up is linear in up). The float model computes the same function;
+    int8 activations inside MatMulNBits (accuracy_level 4) lose less. Returns new weights and the
+    Hessians of the scaled inputs (H / s s^T)."""
+    w = dict(weights)
+    h = dict(hessians)
+
+    def scale(name: str, cols: list[str]) -> np.ndarray:
+        rms = np.sqrt(np.maximum(np.diag(hessians[name]), 1e-30))
+        wmax = np.max([np.abs(w[c]).max(0) for c in cols], axis=0).astype(np.float64)
+        s = rms**alpha / np.maximum(wmax, 1e-12) ** (1 - alpha)
+        s = s / np.exp(np.mean(np.log(s)))  # geometric mean 1: only the ratios matter
+        for c in cols:
+            w[c] = (w[c] * s[None, :]).astype(np.float32)
+        h[name] = hessians[name] / np.outer(s, s)
+        return s
+
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        attn = [p + f"self_attn.{k}_proj.weight" for k in "qkv"]
+        s = scale(f"layers.{i}/attn/qkv_proj", attn)
+        w[p + "input_layernorm.weight"] = (w[p + "input_layernorm.weight"] / s).astype(np.float32)
+        s = scale(f"layers.{i}/mlp/gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        w[p + "post_attention_layernorm.weight"] = (w[p + "post_attention_layernorm.weight"] / s).astype(
+            np.float32
+        )
+        s = scale(f"layers.{i}/mlp/down_proj", [p + "mlp.down_proj.weight"])
+        w[p + "mlp.up_proj.weight"] = (w[p + "mlp.up_proj.weight"] / s[:, None]).astype(np.float32)
+    return w, h

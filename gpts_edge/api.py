@@ -35,8 +35,8 @@ from gpts_edge.generation import Runtime, TextModel
 RUNTIMES = ("torch", "onnx", "gguf")
 # Bumped whenever the exporter's graph or folder layout changes, so older cached exports are not
 # reused (4: the decode flavour reads its weights from model.onnx instead of carrying a copy;
-# 5: in-graph rotary tables and the new int4 scheme).
-CACHE_FORMAT = 5
+# 5: in-graph rotary tables and the new int4 scheme; 6: int8 in MatMulNBits).
+CACHE_FORMAT = 6
 
 
 def model_kind(model: str | Path | None) -> str:

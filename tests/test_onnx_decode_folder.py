@@ -69,12 +69,13 @@ def test_cli_export_writes_the_decode_graph_reading_every_weight_from_model_onnx
     assert dec.stat().st_size < 40_000 < full.stat().st_size  # graph structure only
     # What the references read is exactly the flavour that would be written with its own copy.
     from gpts_edge.checkpoint import load_checkpoint
-    from gpts_edge.export.onnx_calibration import calibration_hessians
+    from gpts_edge.export.onnx_distill import quantization_inputs
     from gpts_edge.export.onnx_graph import build_model
 
     ck = load_checkpoint(ckpts[0])
-    hess = calibration_hessians(ck.config, ck.weights, tokenizer=ck.tokenizer) if quantize != "none" else None
-    want = build_model(ck.config, ck.weights, quantize=quantize, hessians=hess, flavour="decode")
+    # The weights the export quantizes (smoothed for int8, distilled for int4) and its Hessians.
+    weights, hess, scheme = quantization_inputs(ck.config, ck.weights, ck.tokenizer, quantize, None, quiet)
+    want = build_model(ck.config, weights, quantize=quantize, hessians=hess, flavour="decode", scheme=scheme)
     got = onnx.load(str(dec))  # resolves the external data from model.onnx
     assert {t.name: t.raw_data for t in got.graph.initializer} == {
         t.name: t.raw_data for t in want.graph.initializer

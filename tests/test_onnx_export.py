@@ -251,10 +251,10 @@ def test_quantized_export_shrinks_and_meets_measured_bounds(
     assert path.stat().st_size <= max_bytes
     model = onnx.load(str(path))
     ops = {n.op_type for n in model.graph.node}
-    if quantize == "int8":  # weight-only int8, folded to float32 at load by our runtime
-        assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
-    else:  # one packed int4 table serves the token lookup and the lm_head
-        assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    # One packed table serves the token lookup and the lm_head (8-bit for int8); int8 keeps
+    # o_proj and down_proj behind DequantizeLinear (folded to float32 at load by our runtime).
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert ("DequantizeLinear" in ops) == (quantize == "int8")
     # The tied embedding is stored once, quantized: no float initializer holds vocab x hidden values.
     big_float = [
         i.name for i in model.graph.initializer if i.data_type == 1 and np.prod(i.dims) >= 4096 * 128

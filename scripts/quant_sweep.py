@@ -1,0 +1,123 @@
+"""Accuracy sweep of ONNX quantization schemes on the bundled model (measurement script, not a test).
+
+    python scripts/quant_sweep.py OUTDIR '{"name": "a", "block": 64, ...}' ...
+
+exports the bundled checkpoint, once per JSON variant, with ``Int4Scheme(**fields)``
+(``quantize`` picks the graph path, default int4; lists become tuples) into OUTDIR/NAME (full graph + decode flavour) and prints one JSON line:
+bytes, full-window and stepped KL/top-1 against PyTorch fp32 on the parity text, export seconds.
+Calibration Hessians are computed once per process and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import gpts_edge.export.onnx as onnx_export
+import gpts_edge.export.onnx_calibration as calibration
+from gpts_edge.export.onnx_quant import Int4Scheme
+
+_memo: dict[str, object] = {}
+_orig = calibration.calibration_hessians
+
+
+def _memo_hessians(cfg, weights, **kwargs):
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        h.update(np.ascontiguousarray(weights[k]).tobytes())
+    key = h.hexdigest()
+    if key not in _memo:
+        _memo[key] = _orig(cfg, weights, **kwargs)
+    return _memo[key]
+
+
+def _cached_distill(real):
+    """Distilled weights kept on disk per (scheme, run): variants that differ only in how they
+    round the distilled weights reuse one training run."""
+
+    def run(cfg, weights, tokenizer, scheme, run_cfg, **kwargs):
+        import hashlib
+        import os
+
+        key = hashlib.sha256(
+            repr(
+                (
+                    scheme.with_(accuracy_level=4, gptq=False, refit=False),
+                    run_cfg,
+                    kwargs.get("start") is not None,
+                )
+            ).encode()
+        ).hexdigest()[:16]
+        path = Path(os.environ.get("QUANT_SWEEP_CACHE", "/tmp/quant-sweep-cache")) / f"{key}.npz"
+        if path.is_file():
+            print(f"       distilled weights from {path}", file=sys.stderr, flush=True)
+            return dict(np.load(path))
+        out = real(cfg, weights, tokenizer, scheme, run_cfg, **kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
+        return out
+
+    return run
+
+
+def main() -> None:
+    out_root, *variants = sys.argv[1:]
+    for v in variants:
+        kw = {k: tuple(x) if isinstance(x, list) else x for k, x in json.loads(v).items()}
+        one(out_root, kw.pop("name"), kw)
+
+
+def one(out_root: str, name: str, kw: dict) -> None:
+    quantize = kw.pop("quantize", "int4")
+    steps = kw.pop("steps", True)
+    scheme = Int4Scheme(**kw)
+    calibration.calibration_hessians = _memo_hessians
+    import gpts_edge.export.onnx_distill as distill
+
+    if not getattr(distill.distill_weights, "cached", False):
+        distill.distill_weights = _cached_distill(distill.distill_weights)
+        distill.distill_weights.cached = True
+    folder = Path(out_root) / name
+    t0 = time.perf_counter()
+    onnx_export.export_onnx(
+        None,
+        folder,
+        quantize=quantize,
+        decode_graph=True,
+        force=True,
+        scheme=scheme,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    secs = time.perf_counter() - t0
+    from gpts_edge.api import open_runtime
+    from gpts_edge.parity import text_figures, text_windows
+    from gpts_edge.torch_runtime import TorchRuntime
+
+    ref = TorchRuntime(None)
+    rt = open_runtime("onnx", folder)
+    windows = text_windows(ref.tokenizer, ref.config.context_length)
+    full = text_figures(ref, rt, windows)
+    row = {
+        "name": name,
+        "bytes": sum(p.stat().st_size for p in folder.glob("*.onnx")),
+        "model_onnx": (folder / "model.onnx").stat().st_size,
+        "kl": round(full["mean_kl"], 6),
+        "top1": round(full["top1_agreement"] * 100, 2),
+        "export_s": round(secs, 1),
+    }
+    if steps:
+        st = text_figures(ref, rt, windows, stepped=True)
+        row.update(steps_kl=round(st["mean_kl"], 6), steps_top1=round(st["top1_agreement"] * 100, 2))
+    row["scheme"] = {**kw, "quantize": quantize}
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
