@@ -96,11 +96,6 @@ def fake_quantize(w: Any, bits: int, block: int, asymmetric: bool) -> Any:
     return w + (deq - w).detach()
 
 
-def _block_for(scheme: Int4Scheme, name: str, k: int) -> int:
-    # The same clamp as Int4Scheme.quantize: a block never wider than the row.
-    return min(scheme.block_for(name), max(16, 1 << (k.bit_length() - 1)))
-
-
 def distill_weights(
     cfg: ModelConfig,
     weights: dict[str, np.ndarray],
@@ -148,7 +143,7 @@ def distill_weights(
             if group is None:
                 continue
             owner = student.get_submodule(pname.rsplit(".", 1)[0])
-            fq = _Fake(scheme.bits_for(group), _block_for(scheme, group, p.shape[1]), scheme.asymmetric)
+            fq = _Fake(scheme.bits_for(group), scheme.row_block(group, p.shape[1]), scheme.asymmetric)
             parametrize.register_parametrization(owner, "weight", fq)
 
         if ids is None:

@@ -105,17 +105,20 @@ class Int4Scheme:
     def block_for(self, name: str) -> int:
         return self.int8_block if self._wide(name) else self.block
 
+    def row_block(self, name: str, row: int) -> int:
+        """The block used for graph weight ``name`` with rows of ``row`` values. A block wider
+        than the row would pad it, and the embedding lookup (GatherBlockQuantized) would then
+        return the padding as extra features: small models (hidden 64) use the widest
+        power-of-two block (at least 16, MatMulNBits' minimum) that fits in a row."""
+        return min(self.block_for(name), max(16, 1 << (row.bit_length() - 1)))
+
     def with_(self, **changes: object) -> Int4Scheme:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     def quantize(self, weight: np.ndarray, name: str, hessian: np.ndarray | None = None) -> QWeight:
         """``weight`` (N, K) of graph weight ``name``: GPTQ when ``hessian`` is given (and
         ``gptq``), else round-to-nearest (then the scales refit when ``refit`` and a Hessian)."""
-        bits, block = self.bits_for(name), self.block_for(name)
-        # A block wider than the row would pad it, and the embedding lookup (GatherBlockQuantized)
-        # would then return the padding as extra features: small models (hidden 64) use the
-        # widest power-of-two block (at least 16, MatMulNBits' minimum) that fits in a row.
-        block = min(block, max(16, 1 << (weight.shape[1].bit_length() - 1)))
+        bits, block = self.bits_for(name), self.row_block(name, weight.shape[1])
         if self.gptq and hessian is not None:
             return gptq_weight(
                 weight,
