@@ -465,8 +465,8 @@ class Trainer:
                 f"{self.val.numel():,} validation tokens",
                 flush=True,
             )
-            if regularize.describe(tc):
-                print(f"against over-fitting: {regularize.describe(tc)}", flush=True)
+            if levers := regularize.describe(tc):
+                print(f"against over-fitting: {levers}", flush=True)
             if tc.progress:
                 from tqdm import tqdm
 
