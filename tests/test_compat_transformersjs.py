@@ -114,8 +114,19 @@ def test_bad_quantize_list_and_foreign_output_folder_are_refused(tmp_path: Path)
 
 def test_cli_export_layout_transformersjs_single_variant(tmp_path: Path) -> None:
     out = tmp_path / "q4only"
+    # int4 distils before rounding: about 90 s on a quiet 2-core machine, so the default 120 s
+    # subprocess limit is too close (a loaded CI run hit it).
     proc = run_cli(
-        "export", "--format", "onnx", "--layout", "transformersjs", "--quantize", "int4", "-o", out
+        "export",
+        "--format",
+        "onnx",
+        "--layout",
+        "transformersjs",
+        "--quantize",
+        "int4",
+        "-o",
+        out,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == ["model_q4.onnx"]
