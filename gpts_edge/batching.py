@@ -97,6 +97,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def can_batch(runtime: Runtime) -> bool:
+    """Whether ``runtime`` can decode many rows in one run: an ONNX export with its decode graph."""
+    from gpts_edge.runtimes.onnx import OnnxRuntime
+
+    if not isinstance(runtime, OnnxRuntime):
+        return False
+    from gpts_edge.runtimes.onnx_batch import decode_graph_path
+
+    return decode_graph_path(runtime) is not None
+
+
 class Scheduler:
     """Owns the model on one thread; decodes up to ``slots`` sequences per step.
 
@@ -120,19 +131,14 @@ class Scheduler:
             raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
         self.runtime = runtime
         self.slots, self.max_queue = slots, max_queue
+        self.engines = 1
         self.backend: Any = None
-        if batched is not False:
-            from gpts_edge.runtimes.onnx import OnnxRuntime
+        if batched is not False and can_batch(runtime):
+            from gpts_edge.runtimes.onnx_batch import BatchedDecoder
 
-            if isinstance(runtime, OnnxRuntime):
-                from gpts_edge.runtimes.onnx_batch import BatchedDecoder, decode_graph_path
-
-                if decode_graph_path(runtime) is not None:
-                    self.backend = BatchedDecoder(runtime, slots, threads=threads)
-            if self.backend is None and batched:
-                raise GptsError(
-                    "batched decoding needs an ONNX export with its decode graph (model.decode.onnx)"
-                )
+            self.backend = BatchedDecoder(runtime, slots, threads=threads)
+        elif batched:
+            raise GptsError("batched decoding needs an ONNX export with its decode graph (model.decode.onnx)")
         if self.backend is None:
             self.backend = _PerRowBackend(runtime, slots)
         self.batched = not isinstance(self.backend, _PerRowBackend)
@@ -349,3 +355,107 @@ class Scheduler:
                 seq.cancelled = True
                 self._finish(seq, None, err)
             self._retire()
+
+
+class SchedulerPool:
+    """``engines`` schedulers side by side, each with its own thread, its own share of the rows
+    (KV slots) and its own one-thread session of the decode graph; a sequence stays on the one it
+    was given (the least loaded) from start to end.
+
+    Why: one batched step of this small model does not use a second core well (onnxruntime's
+    threads split matrices of a few hundred columns, and the sampler runs between the steps). One
+    scheduler per core keeps every core stepping its own batch, and while one scheduler is in the
+    model (onnxruntime runs without the GIL) another samples. docs/serve.md has the A/B. Tokens do
+    not depend on the scheduler a sequence lands on: every row is computed and sampled on its own.
+    The same interface as ``Scheduler``.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        engines: int,
+        slots: int = 16,
+        max_queue: int = 64,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        if not 1 <= slots <= MAX_SLOTS:
+            raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
+        if max_queue < 0:
+            raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
+        if not 1 <= engines <= slots:
+            raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
+        self.runtime = runtime
+        self.slots, self.max_queue, self.engines = slots, max_queue, engines
+        # The rows split as evenly as they go: 16 rows on 3 engines are 6, 5 and 5.
+        shares = [slots // engines + (i < slots % engines) for i in range(engines)]
+        self.schedulers: list[Scheduler] = []
+        try:
+            for share in shares:
+                self.schedulers.append(
+                    Scheduler(
+                        runtime,
+                        slots=share,
+                        max_queue=max_queue,
+                        threads=1,
+                        batched=True,
+                        after_step=after_step,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.batched = True
+        self._lock = threading.Lock()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (all or none) on the least loaded scheduler; the queue bound
+        is over the whole pool, as with one scheduler."""
+        with self._lock:
+            loads = [s.load() for s in self.schedulers]
+            active = sum(x["active"] for x in loads)
+            pending = sum(x["pending"] for x in loads)
+            if pending + len(seqs) - max(self.slots - active, 0) > self.max_queue:
+                raise QueueFull(
+                    f"server busy: {active} sequences decoding, {pending} waiting "
+                    f"(--parallel {self.slots}, --max-queue {self.max_queue})"
+                )
+            # Least loaded relative to its rows; ties go to the first.
+            best = min(
+                range(len(loads)),
+                key=lambda i: (loads[i]["active"] + loads[i]["pending"]) / self.schedulers[i].slots,
+            )
+            self.schedulers[best].submit(seqs)
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the first scheduler's thread (the runtime's own session has one owner)."""
+        return self.schedulers[0].call(fn)
+
+    def load(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self.schedulers:
+            for k, v in s.load().items():
+                total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        for s in self.schedulers:
+            s.close()
+
+
+def open_scheduler(
+    runtime: Runtime,
+    *,
+    slots: int = 16,
+    max_queue: int = 64,
+    threads: int = 1,
+    after_step: Callable[[], None] | None = None,
+) -> Scheduler | SchedulerPool:
+    """The server's decoding: with ``threads`` > 1 and a runtime that batches, one scheduler per
+    thread (``SchedulerPool``, at most one per row); otherwise one ``Scheduler`` whose model runs
+    on ``threads`` threads."""
+    if threads > 1 and slots > 1 and can_batch(runtime):
+        return SchedulerPool(
+            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
+        )
+    return Scheduler(runtime, slots=slots, max_queue=max_queue, threads=threads, after_step=after_step)

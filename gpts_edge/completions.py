@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpts_edge.batching import MAX_LOGPROBS, QueueFull, Scheduler, Sequence, TokenEvent
+from gpts_edge.batching import MAX_LOGPROBS, QueueFull, Sequence, TokenEvent, open_scheduler
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime, sampling_options
 from gpts_edge.sampling import SequenceSampler
@@ -338,7 +338,7 @@ class Server:
         self.json_logs = json_logs
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.hub = _Hub()
-        self.scheduler = Scheduler(
+        self.scheduler = open_scheduler(
             runtime, slots=parallel, max_queue=max_queue, threads=threads, after_step=self.hub.flush
         )
         self.created = int(time.time())

@@ -318,6 +318,8 @@ def serve(
         json_logs=json_logs,
     )
     mode = "batched decode graph" if server.scheduler.batched else "one step per sequence"
+    if server.scheduler.engines > 1:
+        mode += f" on {server.scheduler.engines} schedulers"
     kind = type(server.runtime).__name__
     log(
         f"serving {server.model_id} ({kind}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"

@@ -67,7 +67,9 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live():
-    s = Live(parallel=64, max_queue=256)
+    """Two threads: two batch schedulers of 32 rows (``small`` below has the single scheduler)."""
+    s = Live(parallel=64, max_queue=256, threads=2)
+    assert s.server.scheduler.engines == 2
     yield s
     s.close()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpts_edge.api import open_runtime
-from gpts_edge.batching import QueueFull, Scheduler, Sequence
+from gpts_edge.batching import QueueFull, Scheduler, SchedulerPool, Sequence, open_scheduler
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import generate_ids, sampling_options
 from gpts_edge.runtimes.onnx_batch import BatchedDecoder
@@ -88,8 +88,8 @@ def test_moving_a_row_keeps_its_cache(rt) -> None:
 
 @pytest.mark.parametrize(
     ("batched", "threads"),
-    [(True, 1), (False, 1), (True, 2)],
-    ids=["batched-decode-graph", "per-row-steps", "batched-2-threads-sampling-pool"],
+    [(True, 1), (False, 1), (True, 2), ("pool", 2)],
+    ids=["batched-decode-graph", "per-row-steps", "batched-2-threads-sampling-pool", "two-schedulers"],
 )
 def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, threads) -> None:
     tok = rt.tokenizer
@@ -105,9 +105,13 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, thread
     cases.append((long_ids, sampling_options(rt.generation_config, max_new_tokens=12), 7))
     # And one longer than the context: it keeps its end, and slides right after its first token.
     cases.append((long_ids * 2, sampling_options(rt.generation_config, max_new_tokens=4), 8))
-    sch = Scheduler(rt, slots=4, max_queue=64, batched=batched, threads=threads)
+    if batched == "pool":
+        sch = open_scheduler(rt, slots=4, max_queue=64, threads=threads)
+        assert isinstance(sch, SchedulerPool) and sch.engines == 2
+    else:
+        sch = Scheduler(rt, slots=4, max_queue=64, batched=batched, threads=threads)
     try:
-        assert sch.batched is batched
+        assert sch.batched is bool(batched)
         col = _Collect()
         # Staggered: the first four start together, the rest join as rows free up.
         sch.submit([col.seq(k, _sampler(rt, *c)) for k, c in enumerate(cases[:4])])
@@ -119,7 +123,10 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, thread
     for k, (ids, opts, seed) in enumerate(cases):
         assert col.tokens[k] == list(generate_ids(rt, ids, opts, seed=seed)), k
         assert col.reasons[k] in ("stop", "length")
-    assert stats["max_batch"] == 4 and stats["active"] == 0
+    # Two schedulers of two rows each: no batch is over 2, and both decoded.
+    assert stats["max_batch"] == (2 if batched == "pool" else 4) and stats["active"] == 0
+    if batched == "pool":
+        assert all(s.load()["steps"] > 0 for s in sch.schedulers)
 
 
 def test_batched_prefill_rows_equal_batch_one_prefills(rt) -> None:
@@ -165,6 +172,40 @@ def test_a_full_queue_refuses_new_sequences(rt) -> None:
             sch.submit([col.seq(2, _sampler(rt, [3], opts, 2))])
     finally:
         sch.close()
+
+
+def test_a_pool_bounds_its_queue_over_all_schedulers(rt) -> None:
+    pool = SchedulerPool(rt, engines=2, slots=2, max_queue=1)
+    opts = sampling_options(rt.generation_config, max_new_tokens=10_000)
+    col = _Collect()
+    try:
+        # One row on each scheduler, then one sequence may wait (on either); the next is refused.
+        pool.submit([col.seq(k, _sampler(rt, [1, 2], opts, k)) for k in range(2)])
+        pool.submit([col.seq(2, _sampler(rt, [3], opts, 2))])
+        with pytest.raises(QueueFull, match="--parallel 2, --max-queue 1"):
+            pool.submit([_Collect().seq(3, _sampler(rt, [4], opts, 3))])
+        assert [s.slots for s in pool.schedulers] == [1, 1]
+    finally:
+        pool.close()
+    assert col.done.wait(20)  # closing ends every sequence, decoding or waiting
+    assert set(col.reasons) == {0, 1, 2}
+
+
+def test_one_thread_or_a_runtime_without_the_decode_graph_gets_one_scheduler(rt, tiny_checkpoint) -> None:
+    pytest.importorskip("torch")
+    sch = open_scheduler(rt, slots=4, threads=1)
+    try:
+        assert isinstance(sch, Scheduler) and sch.engines == 1
+    finally:
+        sch.close()
+    trt = open_runtime("torch", tiny_checkpoint)
+    sch = open_scheduler(trt, slots=4, threads=2)
+    try:
+        assert isinstance(sch, Scheduler) and not sch.batched
+    finally:
+        sch.close()
+    with pytest.raises(GptsError, match="engines: expected 1..2"):
+        SchedulerPool(rt, engines=3, slots=2)
 
 
 def test_cancelled_sequence_stops_and_frees_its_row(rt) -> None:
