@@ -38,6 +38,9 @@ class DistillConfig:
     length: int = 256
     lr: float = 7e-4
     seed: int = 0
+    # Peak learning rate of the learned clipping factors (``fake_quantize``'s ``clip``); 0: none,
+    # every block keeps its min/max range.
+    clip_lr: float = 0.0
     # One thread: the same bytes on every machine (a reduction's order depends on the thread
     # count), and no threads spinning on each other on a busy machine; 0: torch's default.
     threads: int = 1
@@ -67,17 +70,52 @@ def graph_name(param: str) -> str | None:
     return f"layers.{i}/{group}"
 
 
-def fake_quantize(w: Any, bits: int, block: int, asymmetric: bool) -> Any:
-    """``w`` (N, K) as the export stores it (onnx_quant.quantize_weight's rounding, in torch)
-    with a straight-through gradient: the forward value is the dequantized weight, the backward
-    pass treats the rounding as the identity."""
-    import torch
+# A clipping factor is sigmoid(logit); this start is 0.982, close to the block's own range.
+CLIP_LOGIT_START = 4.0
+
+
+def _blocks(w: Any, block: int) -> Any:
+    """``w`` (N, K) as (N, blocks, block), the last block zero-padded (as the export pads)."""
     import torch.nn.functional as F
 
     n, k = w.shape
     n_blocks = -(-k // block)
-    b = F.pad(w, (0, n_blocks * block - k)).view(n, n_blocks, block)
+    return F.pad(w, (0, n_blocks * block - k)).view(n, n_blocks, block)
+
+
+def _clip_range(b: Any, clip: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The learned range of each block of ``b``: its min and max (each widened to include 0, as
+    the export's asymmetric rule does) times the factors ``clip`` (N, blocks), each in (0, 1]."""
+    return b.amin(-1).clamp(max=0.0) * clip[0], b.amax(-1).clamp(min=0.0) * clip[1]
+
+
+def fake_quantize(
+    w: Any, bits: int, block: int, asymmetric: bool, clip: tuple[Any, Any] | None = None
+) -> Any:
+    """``w`` (N, K) as the export stores it (onnx_quant.quantize_weight's rounding, in torch)
+    with a straight-through gradient: the forward value is the dequantized weight, the backward
+    pass treats the rounding as the identity.
+
+    ``clip``: learned clipping (OmniQuant's LWC), asymmetric only. Each block is first clamped to
+    ``_clip_range`` and then rounded by the export's min/max rule; the clamped block's min and max
+    are that range exactly, so exporting ``clip_weight(w)`` with the plain rule stores these very
+    codes. The gradient reaches the factors through the range (the scale, and the clamped
+    weights, which equal its ends)."""
+    import torch
+
+    n, k = w.shape
+    b = _blocks(w, block)
     top = 2**bits - 1
+    if clip is not None:
+        if not asymmetric:
+            raise ValueError("learned clipping needs an asymmetric scheme (min and max of each block)")
+        lo, hi = _clip_range(b, clip)
+        b = torch.minimum(torch.maximum(b, lo[..., None]), hi[..., None])
+        s = (hi - lo) / top
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        z = torch.clamp(_round_ste(-lo / safe), 0, top)
+        q = torch.clamp(_round_ste(b / safe[..., None]) + z[..., None], 0, top)
+        return ((q - z[..., None]) * s[..., None]).reshape(n, -1)[:, :k]
     with torch.no_grad():
         if asymmetric:
             lo = b.amin(-1).clamp(max=0.0)
@@ -94,6 +132,23 @@ def fake_quantize(w: Any, bits: int, block: int, asymmetric: bool) -> Any:
         q = torch.clamp(torch.round(b / safe[..., None]) + z[..., None], 0, top)
         deq = ((q - z[..., None]) * s[..., None]).reshape(n, -1)[:, :k]
     return w + (deq - w).detach()
+
+
+def _round_ste(x: Any) -> Any:
+    """Round half to even forward, identity backward."""
+    import torch
+
+    return x + (torch.round(x) - x).detach()
+
+
+def clip_weight(w: Any, block: int, clip: tuple[Any, Any]) -> Any:
+    """``w`` (N, K) with each block clamped to its learned range: what the export rounds."""
+    import torch
+
+    n, k = w.shape
+    b = _blocks(w, block)
+    lo, hi = _clip_range(b, clip)
+    return torch.minimum(torch.maximum(b, lo[..., None]), hi[..., None]).reshape(n, -1)[:, :k]
 
 
 def distill_weights(
@@ -131,32 +186,48 @@ def distill_weights(
             student.load_state_dict(weights_to_state(start))
 
         class _Fake(nn.Module):
-            def __init__(self, bits: int, block: int, asymmetric: bool) -> None:
+            def __init__(self, bits: int, block: int, asymmetric: bool, clip: tuple[int, int] | None) -> None:
                 super().__init__()
                 self.bits, self.block, self.asymmetric = bits, block, asymmetric
+                self.clip: nn.ParameterList | None = None
+                if clip is not None:  # logits of the (lo, hi) factors, one pair per block
+                    self.clip = nn.ParameterList(
+                        [nn.Parameter(torch.full(clip, CLIP_LOGIT_START)) for _ in range(2)]
+                    )
+
+            def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+                return None if self.clip is None else (self.clip[0].sigmoid(), self.clip[1].sigmoid())
 
             def forward(self, w: torch.Tensor) -> torch.Tensor:
-                return fake_quantize(w, self.bits, self.block, self.asymmetric)
+                return fake_quantize(w, self.bits, self.block, self.asymmetric, self.factors())
 
+        fakes: list[tuple[nn.Module, _Fake]] = []
         for pname, p in list(student.named_parameters()):
             group = graph_name(pname)
             if group is None:
                 continue
             owner = student.get_submodule(pname.rsplit(".", 1)[0])
-            fq = _Fake(scheme.bits_for(group), scheme.row_block(group, p.shape[1]), scheme.asymmetric)
+            block = scheme.row_block(group, p.shape[1])
+            clip = (p.shape[0], -(-p.shape[1] // block)) if run.clip_lr else None
+            fq = _Fake(scheme.bits_for(group), block, scheme.asymmetric, clip)
             parametrize.register_parametrization(owner, "weight", fq)
+            fakes.append((owner, fq))
 
         if ids is None:
             ids = text_ids(tokenizer, min(run.length, cfg.context_length))
         data = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         gen = torch.Generator().manual_seed(run.seed)
-        opt = torch.optim.Adam(student.parameters(), lr=run.lr, betas=(0.9, 0.95))
+        clips = {id(c) for _, fq in fakes if fq.clip is not None for c in fq.clip}
+        groups = [{"params": [q for q in student.parameters() if id(q) not in clips], "peak": run.lr}]
+        if clips:
+            groups.append({"params": [c for _, fq in fakes for c in fq.clip or ()], "peak": run.clip_lr})
+        opt = torch.optim.Adam(groups, lr=run.lr, betas=(0.9, 0.95))
         warm = max(1, run.steps // 20)
         t0 = time.perf_counter()
         for step in range(run.steps):
-            lr = run.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / run.steps))
+            f = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / run.steps))
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["peak"] * f
             batch = data[torch.randint(len(data), (min(run.batch, len(data)),), generator=gen)]
             with torch.no_grad():
                 target = F.log_softmax(teacher(batch)[0].float(), -1).flatten(0, 1)
@@ -169,9 +240,12 @@ def distill_weights(
                 log(
                     f"       distill step {step + 1}/{run.steps}: KL {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)"
                 )
-        for module in list(student.modules()):
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for owner, fq in fakes:
+            factors = fq.factors()
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+            if factors is not None:
+                with torch.no_grad():
+                    owner.weight.copy_(clip_weight(owner.weight, fq.block, factors))
         out = state_to_weights(student)
     finally:
         torch.set_num_threads(threads)
@@ -212,6 +286,7 @@ def quantization_inputs(
         run = DistillConfig(
             steps=scheme.distill_steps,
             lr=scheme.distill_lr,
+            clip_lr=scheme.distill_clip_lr,
             batch=scheme.distill_batch,
             seed=scheme.distill_seed,
         )

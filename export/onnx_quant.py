@@ -80,6 +80,10 @@ class Int4Scheme:
     distill_lr: float = 7e-4
     distill_batch: int = 4
     distill_seed: int = 0
+    # Peak learning rate of the distillation's learned clipping (asymmetric schemes): each block's
+    # range is its min/max times trained factors, and the weights are clamped to it before the
+    # export rounds them; 0: plain min/max.
+    distill_clip_lr: float = 0.0
     # Start the distillation from the GPTQ-rounded weights (then export with round-to-nearest,
     # which keeps those codes where training did not move them) instead of the float ones.
     distill_from_gptq: bool = False

@@ -15,7 +15,13 @@ from gpts_edge.export.onnx_quant import DEFAULT_INT4, quantize_weight, smooth_we
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from gpts_edge.export.onnx_distill import DistillConfig, distill_weights, fake_quantize, graph_name  # noqa: E402
+from gpts_edge.export.onnx_distill import (  # noqa: E402
+    DistillConfig,
+    clip_weight,
+    distill_weights,
+    fake_quantize,
+    graph_name,
+)
 
 
 def _logits(cfg, weights: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -57,6 +63,24 @@ def test_fake_quantization_is_code_for_code_what_the_exporter_stores(bits: int, 
     assert torch.equal(t.grad, torch.ones_like(t))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_learned_clipping_stores_what_the_student_saw_once_the_weights_are_clamped(bits: int) -> None:
+    rng = np.random.default_rng(10 + bits)
+    w = (rng.standard_normal((12, 70)) * 0.05 + 0.01).astype(np.float32)
+    logits = torch.tensor(rng.uniform(-1.0, 6.0, (2, 12, 3)), dtype=torch.float32, requires_grad=True)
+    clip = (logits[0].sigmoid(), logits[1].sigmoid())  # factors 0.27 to 0.998
+    t = torch.tensor(w, requires_grad=True)
+    fq = fake_quantize(t, bits, 32, True, clip)
+    clamped = clip_weight(torch.tensor(w), 32, (clip[0].detach(), clip[1].detach())).numpy()
+    assert not np.array_equal(clamped, w)  # some weights were outside their block's range
+    stored = quantize_weight(clamped, bits, 32, asymmetric=True).dequantize(70)
+    assert np.array_equal(fq.detach().numpy(), stored)  # code for code, after the plain rule
+    ((fq - t.detach()) ** 2).sum().backward()
+    assert float(logits.grad.abs().min()) > 0  # every factor learns from its block's error
+    with pytest.raises(ValueError, match="asymmetric"):
+        fake_quantize(t, bits, 32, False, clip)
+
+
 def test_every_checkpoint_weight_maps_to_its_graph_group_or_stays_float() -> None:
     assert graph_name("embed_tokens.weight") == "embed"
     assert graph_name("layers.3.self_attn.k_proj.weight") == "layers.3/attn/qkv_proj"
@@ -88,8 +112,9 @@ def test_distillation_lowers_the_kl_of_the_rounded_model(tiny_checkpoint: Path) 
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.parametrize("clip_lr", [0.0, 0.05], ids=["min-max", "learned-clipping"])
 def test_the_exported_int4_graph_computes_the_distilled_student(
-    tiny_checkpoint: Path, tmp_path: Path
+    tiny_checkpoint: Path, tmp_path: Path, clip_lr: float
 ) -> None:
     import gpts_edge.export.onnx_distill as distill
     from gpts_edge.api import open_runtime
@@ -97,7 +122,9 @@ def test_the_exported_int4_graph_computes_the_distilled_student(
     from gpts_edge.export.onnx import export_onnx
 
     # float32 activations in MatMulNBits, so the only difference left is summation order.
-    scheme = DEFAULT_INT4.with_(gptq=False, refit=False, distill_steps=5, distill_lr=1e-3, accuracy_level=0)
+    scheme = DEFAULT_INT4.with_(
+        gptq=False, refit=False, distill_steps=5, distill_lr=1e-3, distill_clip_lr=clip_lr, accuracy_level=0
+    )
     seen: dict[str, dict[str, np.ndarray]] = {}
     real = distill.distill_weights
 
