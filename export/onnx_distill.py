@@ -16,6 +16,7 @@ exporters do not import the training package.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 
 from gpts_edge.config import ModelConfig
 from gpts_edge.export.onnx_quant import GPTQ_INT4, Int4Scheme, default_scheme, smooth_weights
+from gpts_edge.fileio import atomic_file, cache_root
 
 
 @dataclass(frozen=True)
@@ -282,15 +284,15 @@ def quantization_inputs(
                 f"       calibrating {quantize} (GPTQ on the shipped calibration text, the distillation's start)"
             )
             start = gptq_rounded(weights, calibration_hessians(cfg, weights, tokenizer=tokenizer), scheme)
-        log(f"       distilling {quantize} ({scheme.distill_steps} steps on the shipped calibration text)")
         run = DistillConfig(
             steps=scheme.distill_steps,
             lr=scheme.distill_lr,
             clip_lr=scheme.distill_clip_lr,
             batch=scheme.distill_batch,
+            length=scheme.distill_length,
             seed=scheme.distill_seed,
         )
-        weights = distill_weights(cfg, weights, tokenizer, scheme, run, start=start, log=log)
+        weights = _distilled(cfg, weights, tokenizer, scheme, run, start, quantize, log)
     if not (scheme.gptq or scheme.refit) and not scheme.folded and not scheme.smooth:
         return weights, None, scheme
     log(f"       calibrating {quantize} (GPTQ on the shipped calibration text)")
@@ -298,6 +300,55 @@ def quantization_inputs(
     if scheme.smooth:
         weights, hessians = smooth_weights(cfg.num_layers, weights, hessians, scheme.smooth)
     return weights, hessians, scheme
+
+
+def _distilled(
+    cfg: ModelConfig,
+    weights: dict[str, np.ndarray],
+    tokenizer: Any,
+    scheme: Int4Scheme,
+    run: DistillConfig,
+    start: dict[str, np.ndarray] | None,
+    quantize: str,
+    log: Callable[[str], None],
+) -> dict[str, np.ndarray]:
+    """``distill_weights``, kept in the user cache (``distilled/<key>.safetensors``) under a key
+    of everything its result depends on: the weights (and start), the scheme, the run, the
+    calibration tokens and the torch version. An export of the same checkpoint as ONNX, ORT and
+    transformers.js then distils once. A cache that cannot be read or written is skipped."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from gpts_edge.export.onnx_calibration import text_ids
+
+    ids = text_ids(tokenizer, min(run.length, cfg.context_length))
+    h = hashlib.sha256(b"gpts-edge distilled weights 1")
+    for tag, group in (("w", weights), ("s", start or {})):
+        for name in sorted(group):
+            arr = np.ascontiguousarray(group[name], dtype=np.float32)
+            h.update(f"{tag}:{name}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+    h.update(f"{scheme!r}|{run!r}|torch {torch.__version__}".encode())
+    h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    path = cache_root() / "distilled" / f"{h.hexdigest()[:32]}.safetensors"
+    try:
+        cached = load_file(str(path)) if path.is_file() else None
+    except Exception:  # a damaged entry is distilled again and replaced
+        cached = None
+    if cached is not None and {k: v.shape for k, v in cached.items()} == {
+        k: v.shape for k, v in weights.items()
+    }:
+        log(f"       distilled {quantize} weights reused from {path} (same checkpoint, scheme and text)")
+        return {k: cached[k].astype(np.float32) for k in weights}
+    log(f"       distilling {quantize} ({run.steps} steps on the shipped calibration text)")
+    out = distill_weights(cfg, weights, tokenizer, scheme, run, start=start, ids=ids, log=log)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(tmp))
+    except OSError:
+        pass  # a read-only or full cache: the export goes on without it
+    return out
 
 
 def _has_torch() -> bool:

@@ -14,7 +14,6 @@ ONNX). This module sits above ``runtimes/`` and ``export/``; neither of those im
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,15 @@ from gpts_edge.constants import (
     WEIGHTS_FILE,
 )
 from gpts_edge.errors import GptsError
-from gpts_edge.fileio import check_readable, hash_file
+from gpts_edge.fileio import cache_root, check_readable, hash_file
 from gpts_edge.generation import Runtime, TextModel
 
 RUNTIMES = ("torch", "onnx", "gguf")
 # Bumped whenever the exporter's graph or folder layout changes, so older cached exports are not
 # reused (4: the decode flavour reads its weights from model.onnx instead of carrying a copy;
-# 5: in-graph rotary tables and the new int4 scheme; 6: int8 in MatMulNBits).
-CACHE_FORMAT = 6
+# 5: in-graph rotary tables and the new int4 scheme; 6: int8 in MatMulNBits; 7: int4 distilled
+# with learned clipping on 384-token windows).
+CACHE_FORMAT = 7
 
 
 def model_kind(model: str | Path | None) -> str:
@@ -106,11 +106,6 @@ def load(path: str | Path | None = None, threads: int | None = None, runtime: st
 
 
 # --- the one ONNX export cache ----------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gpts-edge"
 
 
 def checkpoint_hash(ckpt_dir: Path) -> str:

@@ -43,6 +43,7 @@ from gpts_edge.bench_llamacpp import (
 )
 from gpts_edge.bench_report import format_table, ratios
 from gpts_edge.errors import GptsError
+from gpts_edge.fileio import cache_root
 
 __all__ = ["ALL_RUNTIMES", "FIGURES", "format_table", "run_bench", "train_bench"]
 
@@ -76,7 +77,7 @@ class Prepared:
 
 
 def _cache_root() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpts-edge" / "bench"
+    root = cache_root() / "bench"
     root.mkdir(parents=True, exist_ok=True)
     return root
 

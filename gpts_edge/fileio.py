@@ -91,6 +91,13 @@ def replace_dir(new: Path, target: Path) -> None:
         os.rename(new, target)
 
 
+def cache_root() -> Path:
+    """The user cache of exports and distilled weights: $XDG_CACHE_HOME/gpts-edge (default
+    ~/.cache/gpts-edge). Nothing in it is needed: each entry is rebuilt when missing."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpts-edge"
+
+
 def hash_file(path: Path, h: Any = None) -> Any:
     """Feed ``path`` into the hash ``h`` (default: a new sha256) in 1 MiB chunks and return it;
     an unreadable file is one error line naming it."""

@@ -36,15 +36,15 @@ PARITY_TEXT = Path(__file__).resolve().parent / "data" / "parity_text.txt"
 # (format, quantization) -> (mean KL max, top-1 agreement min) on the parity text, set from
 # measurements on the bundled GPT-S-1.4M checkpoint with headroom (docs/onnx.md, docs/gguf.md).
 # This model is unusually sensitive to weight noise (0.3% Gaussian noise alone costs 1.4% top-1),
-# so 4-bit files are lossy. int4 (distilled, measured 2026-12-03: KL 0.0586 / 0.0585, top-1
-# 85.38 % / 85.42 %, full windows / steps) is bounded 12 % above the measured KL and 1.4 points
-# below the measured top-1 (distillation seeds 1-3 gave 84.2-84.5 %: the bound must not test
-# the seed); q4_mix (KL 0.085, top-1 80.1 %) about 12 % and 2.5 points. int8 (8-bit MatMulNBits,
+# so 4-bit files are lossy. int4 (distilled with learned clipping, measured 2026-12-03: KL 0.0469,
+# top-1 86.46 %; distillation seeds 1-3 gave KL 0.0483-0.0537 and 85.74-86.46 %) is bounded about
+# 12 % above the worst seed's KL and 0.7 points below its top-1 (the bound must not test the seed);
+# q4_mix (KL 0.085, top-1 80.1 %) about 12 % and 2.5 points. int8 (8-bit MatMulNBits,
 # measured 8.1e-4 / 97.9 %) keeps the bounds it had as a folded float graph.
 BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("onnx", "none"): (1e-8, 0.999),
     ("onnx", "int8"): (1e-3, 0.97),
-    ("onnx", "int4"): (0.066, 0.84),
+    ("onnx", "int4"): (0.06, 0.85),
     ("gguf", "f32"): (1e-8, 0.999),
     ("gguf", "f16"): (1e-5, 0.99),
     ("gguf", "q8_0"): (2e-3, 0.95),

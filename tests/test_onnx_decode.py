@@ -197,10 +197,10 @@ def test_int4_decode_graph_meets_the_int4_text_bounds_token_by_token(tmp_path: P
     stepped = text_figures(ref, rt, windows, stepped=True)
     full = text_figures(ref, rt, windows)
     kl_max, top1_min = bounds("onnx", "int4")
-    # Round-to-nearest float weights here (the export's distillation would cost the suite a
-    # minute and a half), so the export's bounds are loosened by the documented gap to RTN (0.147
-    # vs 0.059 KL, 74.3 % vs 85.4 % top-1); the real check is that the decode flavour is no worse
-    # than the full graph on the same text.
+    # Round-to-nearest float weights here (the export's distillation would cost the suite two
+    # minutes), so the export's bounds are loosened to cover RTN (0.147 KL, 74.3 % top-1, against
+    # the distilled export's 0.047 and 86.5 %); the real check is that the decode flavour is no
+    # worse than the full graph on the same text.
     assert stepped["positions"] == full["positions"] == 1536
     assert stepped["mean_kl"] <= min(full["mean_kl"] * 1.05, kl_max + 0.1)
     assert stepped["top1_agreement"] >= max(full["top1_agreement"] - 0.01, top1_min - 0.13)

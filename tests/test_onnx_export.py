@@ -121,8 +121,13 @@ def test_graph_io_names_and_shapes_follow_the_name_table(peaky_onnx: Path) -> No
 
 
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-def test_export_is_byte_identical_for_the_same_checkpoint(peaky: Path, tmp_path: Path, quantize: str) -> None:
+def test_export_is_byte_identical_for_the_same_checkpoint(
+    peaky: Path, tmp_path: Path, quantize: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each export with its own cache, so int4 distils twice (rather than reusing the weights).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-a"))
     a = export_onnx(peaky, tmp_path / "a.onnx", quantize=quantize, log=quiet).read_bytes()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))
     b = export_onnx(peaky, tmp_path / "b.onnx", quantize=quantize, log=quiet).read_bytes()
     assert a == b
 

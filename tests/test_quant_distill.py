@@ -114,7 +114,7 @@ def test_distillation_lowers_the_kl_of_the_rounded_model(tiny_checkpoint: Path) 
 
 @pytest.mark.parametrize("clip_lr", [0.0, 0.05], ids=["min-max", "learned-clipping"])
 def test_the_exported_int4_graph_computes_the_distilled_student(
-    tiny_checkpoint: Path, tmp_path: Path, clip_lr: float
+    tiny_checkpoint: Path, tmp_path: Path, clip_lr: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gpts_edge.export.onnx_distill as distill
     from gpts_edge.api import open_runtime
@@ -125,6 +125,7 @@ def test_the_exported_int4_graph_computes_the_distilled_student(
     scheme = DEFAULT_INT4.with_(
         gptq=False, refit=False, distill_steps=5, distill_lr=1e-3, distill_clip_lr=clip_lr, accuracy_level=0
     )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # distil here, not reuse
     seen: dict[str, dict[str, np.ndarray]] = {}
     real = distill.distill_weights
 
@@ -144,6 +145,34 @@ def test_the_exported_int4_graph_computes_the_distilled_student(
     want = _logits(ck.config, _rounded(seen["w"], scheme), ids)
     got = open_runtime("onnx", tmp_path / "out").forward_logits(ids)
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_a_second_int4_export_reuses_the_distilled_weights(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpts_edge.export.onnx import export_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    scheme = DEFAULT_INT4.with_(distill_steps=4, distill_clip_lr=0.05)
+
+    def export(name: str, scheme=scheme) -> tuple[bytes, str]:
+        lines: list[str] = []
+        path = export_onnx(tiny_checkpoint, tmp_path / name, quantize="int4", scheme=scheme, log=lines.append)
+        return path.read_bytes(), " ".join(lines)
+
+    first, log1 = export("a")
+    again, log2 = export("b")
+    assert "distilling int4 (4 steps" in log1 and "reused" not in log1
+    assert "distilled int4 weights reused from" in log2 and "distilling" not in log2
+    assert again == first
+    # A damaged entry is distilled again (to the same bytes) and replaced.
+    (entry,) = (tmp_path / "cache" / "gpts-edge" / "distilled").iterdir()
+    entry.write_bytes(b"not safetensors")
+    redone, log3 = export("c")
+    assert "distilling" in log3 and redone == first
+    assert export("d")[1].count("reused") == 1
+    # Anything the result depends on is in the key: another seed distils anew.
+    assert "distilling" in export("e", scheme.with_(distill_seed=1))[1]
 
 
 def test_smoothing_keeps_the_float_model_and_flattens_the_activation_scales(tiny_checkpoint: Path) -> None:
