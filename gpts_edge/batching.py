@@ -97,6 +97,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def _check_sizes(slots: int, max_queue: int) -> None:
+    if not 1 <= slots <= MAX_SLOTS:
+        raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
+    if max_queue < 0:
+        raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
+
+
 def can_batch(runtime: Runtime) -> bool:
     """Whether ``runtime`` can decode many rows in one run: an ONNX export with its decode graph."""
     from gpts_edge.runtimes.onnx import OnnxRuntime
@@ -125,10 +132,7 @@ class Scheduler:
         batched: bool | None = None,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        if not 1 <= slots <= MAX_SLOTS:
-            raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
-        if max_queue < 0:
-            raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
+        _check_sizes(slots, max_queue)
         self.runtime = runtime
         self.slots, self.max_queue = slots, max_queue
         self.engines = 1
@@ -379,10 +383,7 @@ class SchedulerPool:
         max_queue: int = 64,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        if not 1 <= slots <= MAX_SLOTS:
-            raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
-        if max_queue < 0:
-            raise GptsError(f"--max-queue: expected >= 0, found {max_queue}")
+        _check_sizes(slots, max_queue)
         if not 1 <= engines <= slots:
             raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
         self.runtime = runtime
