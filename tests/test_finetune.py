@@ -112,6 +112,18 @@ def test_bad_init_is_a_clear_error(tmp_path, domain) -> None:
         Trainer(preset_config("finetune", data=data, out=str(tmp_path / "b"), max_steps=1))
 
 
+def test_a_bad_sampling_or_keep_is_refused_before_anything_is_written(tmp_path, domain) -> None:
+    data = [str(domain[0])]
+    for bad, match in (
+        (dict(sampling="shuffled"), "--sampling: expected random or passes, found 'shuffled'"),
+        (dict(keep="first"), "--keep: expected best or last, found 'first'"),
+    ):
+        out = tmp_path / "run"
+        with pytest.raises(GptsError, match=match):
+            Trainer(preset_config(None, init="default", data=data, out=str(out), max_steps=1, **bad))
+        assert not out.exists()  # no data cache, no half-made run folder
+
+
 def test_epochs_set_the_steps_and_the_tail_is_held_out(tmp_path, domain) -> None:
     t = Trainer(
         preset_config(None, init="default", data=[str(domain[0])], out=str(tmp_path / "r"), epochs=2, **FAST)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpts_edge.errors import GptsError
+from gpts_edge.training.data import SAMPLINGS
 
 # Settings whose change turns a resumed run into a different run. The rest (logging, checkpoint
 # cadence, device, progress bar, stop_at) may change freely between invocations.
@@ -78,6 +79,11 @@ def check_train_config(tc: Any) -> None:
         raise GptsError(f"decay_start_frac: expected a fraction in [0, 1], found {tc.decay_start_frac}")
     if tc.val_fraction is not None and not (math.isfinite(tc.val_fraction) and 0 < tc.val_fraction < 1):
         raise GptsError(f"--val-fraction: expected a fraction between 0 and 1, found {tc.val_fraction}")
+    # Choices too, before the data is tokenized into the output folder.
+    if tc.sampling not in SAMPLINGS:
+        raise GptsError(f"--sampling: expected {' or '.join(SAMPLINGS)}, found {tc.sampling!r}")
+    if tc.keep not in ("best", "last"):
+        raise GptsError(f"--keep: expected best or last, found {tc.keep!r}")
     out = Path(tc.out)
     if out.exists() and not out.is_dir():
         raise GptsError(f"--output {out}: exists and is not a folder (a run writes a folder)")

@@ -326,9 +326,12 @@ class PassSampler(Sampler):
         self.cursor = [list(c) for c in state["passes"]]
 
 
+SAMPLINGS = ("random", "passes")
+
+
 def make_sampler(kind: str, sources: list[Source], seq_len: int, seed: int) -> Sampler:
     """``random`` windows (pretraining) or ``passes`` over the text (fine-tuning)."""
-    if kind not in ("random", "passes"):
+    if kind not in SAMPLINGS:
         raise GptsError(f"--sampling: expected random or passes, found {kind!r}")
     return (PassSampler if kind == "passes" else Sampler)(sources, seq_len, seed)
 

@@ -157,8 +157,6 @@ class Trainer:
         if dtype not in ("bf16", "fp32"):
             raise GptsError(f"--dtype: expected auto, bf16 or fp32, found {tc.dtype!r}")
         self.autocast = dtype == "bf16"
-        if tc.keep not in ("best", "last"):
-            raise GptsError(f"--keep: expected best or last, found {tc.keep!r}")
         if self.device.type == "cpu":
             micro, accum = finetune.cpu_micro_batch(tc.batch_size, tc.grad_accum, tc.cpu_micro_batch)
             if micro != tc.batch_size:
