@@ -12,6 +12,7 @@ text handling are gpts_edge.completions; decoding is gpts_edge.batching's schedu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -88,7 +89,7 @@ def create_app(server: Server) -> Any:
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     def error_response(exc: ApiError) -> JSONResponse:
@@ -136,8 +137,15 @@ def create_app(server: Server) -> Any:
         rid = f"cmpl-{secrets.token_hex(12)}"
         counter = request.scope["gpts.tokens"]
         if not req.stream:
-            async for _ in server.run(choices, seqs, channel):
-                counter[0] = sum(c.tokens for c in choices)
+
+            async def collect() -> None:
+                async for _ in server.run(choices, seqs, channel):
+                    counter[0] = sum(c.tokens for c in choices)
+
+            # A client that leaves before its answer stops its generation, as a streaming one does
+            # (run's cleanup cancels the sequences): its row goes to the next request.
+            if not await _unless_disconnected(request, collect()):
+                return Response(status_code=CLIENT_GONE)
             return JSONResponse(completion_body(server, rid, choices, info), headers=headers)
         return StreamingResponse(
             _events(server, req, rid, choices, seqs, channel, info, counter),
@@ -157,6 +165,32 @@ def create_app(server: Server) -> Any:
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_bug},
     )
     return _Gate(app, server, error_response)
+
+
+# nginx's "client closed request": only ever in the log, since nobody is left to read it.
+CLIENT_GONE = 499
+
+
+async def _unless_disconnected(request: Any, work: Any) -> bool:
+    """Run the coroutine ``work`` until it ends (True) or the client disconnects first (False,
+    ``work`` cancelled). The body has been read, so the next ASGI message is the disconnect."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task.done():
+        task.result()  # its errors (an ApiError) become the response
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 async def _events(

@@ -309,6 +309,35 @@ def test_disconnect_mid_stream_stops_generation_and_full_queue_is_429(small) -> 
     assert ok.usage.completion_tokens == 2
 
 
+def test_a_non_streaming_client_that_leaves_stops_its_generation(small) -> None:
+    before = small.server.scheduler.load()
+    log_start = len(small.logs)
+    body = json.dumps({"prompt": "x", "max_tokens": 16000, "temperature": 0}).encode()  # greedy: no end
+    sock = socket.create_connection(("127.0.0.1", small.port), timeout=10)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer sesame\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    deadline = time.monotonic() + 20
+    while small.server.scheduler.load()["tokens"] - before["tokens"] < 50:  # it is generating
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sock.close()
+    while small.server.scheduler.load()["active"]:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.05)
+    after = small.server.scheduler.load()
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["tokens"] - before["tokens"] < 16000
+    while len(small.logs) == log_start:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert " 499 " in small.logs[log_start] or '"status": 499' in small.logs[log_start]
+    # The row is free again.
+    ok = small.client("sesame").completions.create(model="gpt-s-1.4m", prompt="y", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
 def test_request_log_has_one_line_per_request(live) -> None:
     start = len(live.logs)
     live.client().completions.create(model="gpt-s-1.4m", prompt="log me", max_tokens=3, temperature=0)
