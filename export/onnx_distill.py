@@ -6,8 +6,10 @@ pass, by exactly what the export stores (the same blocks, bits, scales, zero poi
 round-half-even as ``onnx_quant.quantize_weight``) with a straight-through gradient; the RMSNorm
 weights (stored as float32) train freely. It learns to match the float32 model's next-token
 distribution (KL) on the shipped calibration text (``onnx_calibration.text_ids``; never the
-parity text). The export then rounds the trained weights to nearest, which reproduces the
-student's weights code for code, so the file computes what was trained.
+parity text). With learned clipping (the int4 default) each block's range trains too, and the
+weights are clamped to it at the end. The export then rounds the trained weights to nearest,
+which reproduces the student's weights code for code, so the file computes what was trained.
+The result is kept in the user cache (``_distilled``), so one checkpoint distils once.
 
 Needs torch (at export time only; running the export does not). Self-contained on purpose:
 exporters do not import the training package.
