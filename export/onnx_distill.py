@@ -315,8 +315,8 @@ def _distilled(
     log: Callable[[str], None],
 ) -> dict[str, np.ndarray]:
     """``distill_weights``, kept in the user cache (``distilled/<key>.safetensors``) under a key
-    of everything its result depends on: the weights (and start), the scheme, the run, the
-    calibration tokens and the torch version. An export of the same checkpoint as ONNX, ORT and
+    of everything its result depends on: the weights (and start), the scheme's rounding, the run,
+    the calibration tokens and the torch version. An export of the same checkpoint as ONNX, ORT and
     transformers.js then distils once. A cache that cannot be read or written is skipped."""
     import torch
     from safetensors.numpy import load_file, save_file
@@ -324,13 +324,17 @@ def _distilled(
     from gpts_edge.export.onnx_calibration import text_ids
 
     ids = text_ids(tokenizer, min(run.length, cfg.context_length))
-    h = hashlib.sha256(b"gpts-edge distilled weights 1")
+    h = hashlib.sha256(b"gpts-edge distilled weights 2")
     for tag, group in (("w", weights), ("s", start or {})):
         for name in sorted(group):
             arr = np.ascontiguousarray(group[name], dtype=np.float32)
             h.update(f"{tag}:{name}:{arr.shape}".encode())
             h.update(arr.tobytes())
-    h.update(f"{scheme!r}|{run!r}|torch {torch.__version__}".encode())
+    # Of the scheme, only what the student's rounding reads (bits_for, row_block, asymmetric):
+    # schemes that differ in how the result is then stored or run (GPTQ, refit, accuracy level,
+    # folded groups) share one entry. A GPTQ start is in the key through its weights.
+    rounding = (scheme.block, scheme.int8, scheme.int8_block, scheme.asymmetric)
+    h.update(f"{rounding!r}|{run!r}|torch {torch.__version__}".encode())
     h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     path = cache_root() / "distilled" / f"{h.hexdigest()[:32]}.safetensors"
     try:

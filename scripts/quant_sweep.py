@@ -5,7 +5,8 @@
 exports the bundled checkpoint, once per JSON variant, with ``Int4Scheme(**fields)``
 (``quantize`` picks the graph path, default int4; lists become tuples) into OUTDIR/NAME (full graph + decode flavour) and prints one JSON line:
 bytes, full-window and stepped KL/top-1 against PyTorch fp32 on the parity text, export seconds.
-Calibration Hessians are computed once per process and reused.
+Calibration Hessians are computed once per process and reused; distilled weights come from the
+exporter's own cache, so variants that differ only in how they round or run them distil once.
 """
 
 from __future__ import annotations
@@ -37,35 +38,6 @@ def _memo_hessians(cfg, weights, **kwargs):
     return _memo[key]
 
 
-def _cached_distill(real):
-    """Distilled weights kept on disk per (scheme, run): variants that differ only in how they
-    round the distilled weights reuse one training run."""
-
-    def run(cfg, weights, tokenizer, scheme, run_cfg, **kwargs):
-        import hashlib
-        import os
-
-        key = hashlib.sha256(
-            repr(
-                (
-                    scheme.with_(accuracy_level=4, gptq=False, refit=False),
-                    run_cfg,
-                    kwargs.get("start") is not None,
-                )
-            ).encode()
-        ).hexdigest()[:16]
-        path = Path(os.environ.get("QUANT_SWEEP_CACHE", "/tmp/quant-sweep-cache")) / f"{key}.npz"
-        if path.is_file():
-            print(f"       distilled weights from {path}", file=sys.stderr, flush=True)
-            return dict(np.load(path))
-        out = real(cfg, weights, tokenizer, scheme, run_cfg, **kwargs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **out)
-        return out
-
-    return run
-
-
 def main() -> None:
     out_root, *variants = sys.argv[1:]
     for v in variants:
@@ -78,11 +50,6 @@ def one(out_root: str, name: str, kw: dict) -> None:
     steps = kw.pop("steps", True)
     scheme = Int4Scheme(**kw)
     calibration.calibration_hessians = _memo_hessians
-    import gpts_edge.export.onnx_distill as distill
-
-    if not getattr(distill.distill_weights, "cached", False):
-        distill.distill_weights = _cached_distill(distill.distill_weights)
-        distill.distill_weights.cached = True
     folder = Path(out_root) / name
     t0 = time.perf_counter()
     onnx_export.export_onnx(

@@ -171,8 +171,11 @@ def test_a_second_int4_export_reuses_the_distilled_weights(
     redone, log3 = export("c")
     assert "distilling" in log3 and redone == first
     assert export("d")[1].count("reused") == 1
-    # Anything the result depends on is in the key: another seed distils anew.
+    # A scheme that stores or runs the result differently reuses it; anything the result depends
+    # on is in the key: another seed or block size distils anew.
+    assert "reused" in export("f", scheme.with_(accuracy_level=0))[1]
     assert "distilling" in export("e", scheme.with_(distill_seed=1))[1]
+    assert "distilling" in export("g", scheme.with_(block=16))[1]
 
 
 def test_smoothing_keeps_the_float_model_and_flattens_the_activation_scales(tiny_checkpoint: Path) -> None:
