@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gpts_edge.errors import GptsError
-from gpts_edge.training.data import SAMPLINGS
+from gpts_edge.training.data import check_sampling
 
 # Settings whose change turns a resumed run into a different run. The rest (logging, checkpoint
 # cadence, device, progress bar, stop_at) may change freely between invocations.
@@ -80,8 +80,7 @@ def check_train_config(tc: Any) -> None:
     if tc.val_fraction is not None and not (math.isfinite(tc.val_fraction) and 0 < tc.val_fraction < 1):
         raise GptsError(f"--val-fraction: expected a fraction between 0 and 1, found {tc.val_fraction}")
     # Choices too, before the data is tokenized into the output folder.
-    if tc.sampling not in SAMPLINGS:
-        raise GptsError(f"--sampling: expected {' or '.join(SAMPLINGS)}, found {tc.sampling!r}")
+    check_sampling(tc.sampling)
     if tc.keep not in ("best", "last"):
         raise GptsError(f"--keep: expected best or last, found {tc.keep!r}")
     out = Path(tc.out)

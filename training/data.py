@@ -329,10 +329,14 @@ class PassSampler(Sampler):
 SAMPLINGS = ("random", "passes")
 
 
+def check_sampling(kind: str) -> None:
+    if kind not in SAMPLINGS:
+        raise GptsError(f"--sampling: expected {' or '.join(SAMPLINGS)}, found {kind!r}")
+
+
 def make_sampler(kind: str, sources: list[Source], seq_len: int, seed: int) -> Sampler:
     """``random`` windows (pretraining) or ``passes`` over the text (fine-tuning)."""
-    if kind not in SAMPLINGS:
-        raise GptsError(f"--sampling: expected random or passes, found {kind!r}")
+    check_sampling(kind)
     return (PassSampler if kind == "passes" else Sampler)(sources, seq_len, seed)
 
 
