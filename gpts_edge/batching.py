@@ -57,13 +57,20 @@ class Sequence:
     on_token: Callable[[TokenEvent], None]
     on_done: Callable[[str | None, Exception | None], None]  # ("stop" | "length", None) or (None, err)
     logprobs: int | None = None  # top-N alternatives per token (0..5); None: no logprobs
+    # False: nobody reads the tokens before the end, so an engine process may send them all with
+    # ``on_done`` (``on_token`` still runs for each, in order, before it) instead of one per step.
+    stream: bool = True
     cancelled: bool = False
     finished: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    on_cancel: Callable[[], None] | None = None  # set by an engine that decodes elsewhere
 
     def cancel(self) -> None:
         """Stop generating (a disconnected client, a stop string found); ``on_done`` still runs."""
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None and not self.finished:
+                self.on_cancel()
 
 
 class _PerRowBackend:
@@ -97,7 +104,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def _check_sizes(slots: int, max_queue: int) -> None:
+def check_sizes(slots: int, max_queue: int) -> None:
     if not 1 <= slots <= MAX_SLOTS:
         raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
     if max_queue < 0:
@@ -132,7 +139,7 @@ class Scheduler:
         batched: bool | None = None,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        _check_sizes(slots, max_queue)
+        check_sizes(slots, max_queue)
         self.runtime = runtime
         self.slots, self.max_queue = slots, max_queue
         self.engines = 1
@@ -383,7 +390,7 @@ class SchedulerPool:
         max_queue: int = 64,
         after_step: Callable[[], None] | None = None,
     ) -> None:
-        _check_sizes(slots, max_queue)
+        check_sizes(slots, max_queue)
         if not 1 <= engines <= slots:
             raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
         self.runtime = runtime
@@ -451,10 +458,18 @@ def open_scheduler(
     max_queue: int = 64,
     threads: int = 1,
     after_step: Callable[[], None] | None = None,
-) -> Scheduler | SchedulerPool:
-    """The server's decoding: with ``threads`` > 1 and a runtime that batches, one scheduler per
-    thread (``SchedulerPool``, at most one per row); otherwise one ``Scheduler`` whose model runs
-    on ``threads`` threads."""
+    processes: bool = False,
+) -> Any:
+    """The server's decoding. With a runtime that batches: ``processes`` runs ``threads`` engine
+    processes (``gpts_edge.engines.EngineProcesses``, at most one per row); otherwise ``threads``
+    > 1 runs one scheduler thread per thread in this process (``SchedulerPool``). Else one
+    ``Scheduler`` whose model runs on ``threads`` threads (runtimes stepped row by row)."""
+    if can_batch(runtime) and processes:
+        from gpts_edge.engines import EngineProcesses
+
+        return EngineProcesses(
+            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
+        )
     if threads > 1 and slots > 1 and can_batch(runtime):
         return SchedulerPool(
             runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step

@@ -489,12 +489,16 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     parallel: Annotated[int, typer.Option(help="Sequences decoded together in one batched step.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a free row (then 429).")] = 64,
-    threads: Annotated[int, typer.Option(help="Cores: a batch scheduler per core (decode graph).")] = 1,
+    threads: Annotated[int, typer.Option(help="Cores: a batch engine process per core (decode graph).")] = 1,
     api_key: Annotated[
         str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set GPTS_EDGE_API_KEY).")
     ] = None,
     json_logs: Annotated[
         bool, typer.Option("--json-logs", help="One JSON object per request log line.")
+    ] = False,
+    in_process: Annotated[
+        bool,
+        typer.Option("--in-process", help="Decode on threads of the server process, not in engine processes."),
     ] = False,
 ) -> None:
     """OpenAI-compatible completions server (/v1/completions, streaming, continuous batching)."""
@@ -511,6 +515,7 @@ def serve(
             threads=threads,
             api_key=api_key,
             json_logs=json_logs,
+            in_process=in_process,
             log=lambda m: typer.echo(m, err=True),
         )
     except GptsError as exc:

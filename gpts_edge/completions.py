@@ -328,6 +328,7 @@ class Server:
         parallel: int = 16,
         max_queue: int = 64,
         threads: int = 1,
+        processes: bool = False,
         api_key: str | None = None,
         json_logs: bool = False,
         log: Callable[[str], None] | None = None,
@@ -339,7 +340,12 @@ class Server:
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.hub = _Hub()
         self.scheduler = open_scheduler(
-            runtime, slots=parallel, max_queue=max_queue, threads=threads, after_step=self.hub.flush
+            runtime,
+            slots=parallel,
+            max_queue=max_queue,
+            threads=threads,
+            after_step=self.hub.flush,
+            processes=processes,
         )
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
@@ -445,6 +451,7 @@ class Server:
                         on_token=on_token(index),
                         on_done=on_done(index),
                         logprobs=req.logprobs,
+                        stream=eager,
                     )
                 )
         for p_index, scored in enumerate(prompt_scores or []):

@@ -335,6 +335,8 @@ class SequenceSampler:
                     f"note: prompt has {len(ids)} tokens; keeping the last {context_length} (context length)"
                 )
             ids = ids[-context_length:]
+        # The seed that rebuilds this sampler elsewhere (an engine process); None with custom draws.
+        self.seed: int | None = seed if draws is None else None
         if draws is None:
             draws = iter(np.random.default_rng(seed).random, None)
         self.opts, self.context_length, self.eos_id = opts, context_length, eos_id

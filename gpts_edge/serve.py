@@ -303,9 +303,11 @@ def open_server(
     threads: int = 1,
     api_key: str | None = None,
     json_logs: bool = False,
+    in_process: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Server:
-    """Open the model and start its scheduler (no socket yet)."""
+    """Open the model and start its decoding (no socket yet): ``threads`` engine processes when
+    the model batches (``in_process``: scheduler threads in this process instead)."""
     from gpts_edge.api import open_runtime
 
     if threads < 1:
@@ -317,6 +319,7 @@ def open_server(
         parallel=parallel,
         max_queue=max_queue,
         threads=threads,
+        processes=not in_process,
         api_key=api_key or os.environ.get(API_KEY_ENV) or None,
         json_logs=json_logs,
         log=log,
@@ -334,6 +337,7 @@ def serve(
     threads: int = 1,
     api_key: str | None = None,
     json_logs: bool = False,
+    in_process: bool = False,
     log: Callable[[str], None] = print,
 ) -> None:
     """Open the model and serve until interrupted."""
@@ -350,10 +354,12 @@ def serve(
         threads=threads,
         api_key=api_key,
         json_logs=json_logs,
+        in_process=in_process,
     )
     mode = "batched decode graph" if server.scheduler.batched else "one step per sequence"
-    if server.scheduler.engines > 1:
-        mode += f" on {server.scheduler.engines} schedulers"
+    if server.scheduler.batched:
+        n, s_ = server.scheduler.engines, "s" if server.scheduler.engines > 1 else ""
+        mode += f" on {n} scheduler thread{s_}" if in_process else f" in {n} engine process{'es' if s_ else ''}"
     kind = type(server.runtime).__name__
     log(
         f"serving {server.model_id} ({kind}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"

@@ -1,0 +1,354 @@
+"""Engine processes: the server's batched decoding in processes of their own.
+
+Why: a scheduler's sampler and bookkeeping are Python, and Python threads take turns on one
+interpreter lock. Two schedulers in one process (``SchedulerPool``) therefore spend much of their
+time waiting for each other and for the HTTP event loop, and on a 2-core machine 16 clients got
+about 3.3x one stream's tokens/s instead of the 4x asked for (docs/serve.md, run 10). Each engine
+process here owns one ``Scheduler`` (its own onnxruntime session of the decode graph, one thread,
+its share of the rows) and its own interpreter; the HTTP process only queues sequences and
+reads their tokens.
+
+    HTTP process                                       engine process (one per --threads)
+    submit ─> pick the least loaded engine ─ commands ─> Scheduler: admit, decode, sample
+    callbacks (on_token, on_done) <────────── events ──  one message per step (streams), or one
+                                                          per sequence at its end (the others)
+
+A sequence is rebuilt in the engine from what determines its tokens (the kept prompt, the options,
+the seed), so it gets the tokens it gets in-process or alone (tested). A cancel (a client gone, a
+stop string found) is one message; the engine drops the row at its next step. An engine that dies
+ends its sequences with an error; the others go on. Engines are daemon processes started with
+``spawn`` (no fork of a threaded server) and leave when their command pipe closes, so none
+outlives the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import count
+from typing import Any
+
+from gpts_edge.batching import QueueFull, Scheduler, Sequence, TokenEvent, check_sizes
+from gpts_edge.errors import GptsError
+from gpts_edge.generation import Runtime
+
+START_TIMEOUT_S = 180.0  # an engine imports onnxruntime and opens the graph (seconds on a Pi)
+STATS_EVERY_S = 0.1  # engines send their counters at least this often while busy
+
+
+# --- the engine process --------------------------------------------------------------------------------
+
+
+def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> None:
+    """An engine process: one Scheduler over its own session; commands in, events out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it closes us
+    from gpts_edge.runtimes.onnx import OnnxRuntime
+    from gpts_edge.sampling import SequenceSampler
+
+    outbox: list[tuple] = []
+    last_stats = [0.0]
+    live: dict[int, Sequence] = {}
+
+    def flush() -> None:  # on the scheduler thread, after each step: one message for the step
+        now = time.monotonic()
+        if not outbox and now - last_stats[0] < STATS_EVERY_S:
+            return
+        done = any(item[0] == "d" for item in outbox)
+        stats = sch.load() if done or now - last_stats[0] >= STATS_EVERY_S else None
+        if stats is not None:
+            last_stats[0] = now
+        items = outbox[:]
+        outbox.clear()
+        with contextlib.suppress(OSError):  # the server is gone; the command pipe's EOF ends us
+            events.send(("events", items, stats))
+
+    try:
+        rt = OnnxRuntime(model_file, threads=1)
+        sch = Scheduler(rt, slots=slots, max_queue=1 << 30, threads=1, batched=True, after_step=flush)
+    except Exception as exc:  # reported to the server, which refuses to start with it
+        events.send(("fatal", str(exc) if isinstance(exc, GptsError) else f"{type(exc).__name__}: {exc}"))
+        return
+    events.send(("ready", None))
+
+    def make(spec: tuple) -> Sequence:
+        sid, prompt, opts, seed, eos_id, logprobs, stream = spec
+        held: list[tuple] = []
+
+        def on_token(ev: TokenEvent) -> None:
+            item = (ev.token, ev.logprob, ev.top)
+            if stream:
+                outbox.append(("t", sid, item))
+            else:
+                held.append(item)
+
+        def on_done(reason: str | None, err: Exception | None) -> None:
+            live.pop(sid, None)
+            outbox.append(("d", sid, reason, None if err is None else str(err), held))
+
+        cfg = rt.config
+        sampler = SequenceSampler(
+            prompt, opts, context_length=cfg.context_length, vocab_size=cfg.vocab_size, eos_id=eos_id, seed=seed
+        )
+        seq = Sequence(sampler, on_token=on_token, on_done=on_done, logprobs=logprobs, stream=stream)
+        live[sid] = seq
+        return seq
+
+    try:
+        while True:
+            try:
+                msg = commands.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "submit":
+                sch.submit([make(spec) for spec in msg[1]])
+            elif msg[0] == "cancel":
+                for sid in msg[1]:
+                    seq = live.get(sid)
+                    if seq is not None:
+                        seq.cancel()
+            elif msg[0] == "close":
+                break
+    finally:
+        sch.close()
+
+
+# --- the server's side ---------------------------------------------------------------------------------
+
+
+class _Engine:
+    """One engine process as the server sees it: its pipes, its sequences, its last counters."""
+
+    def __init__(self, ctx: Any, model_file: str, slots: int, index: int) -> None:
+        self.slots, self.index = slots, index
+        cmd_read, self.commands = ctx.Pipe(duplex=False)
+        self.events, evt_write = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_engine_main,
+            args=(cmd_read, evt_write, model_file, slots),
+            name=f"gpts-edge-engine-{index}",
+            daemon=True,
+        )
+        self.process.start()
+        cmd_read.close()
+        evt_write.close()
+        self.send_lock = threading.Lock()
+        self.seqs: dict[int, Sequence] = {}  # submitted and not yet done
+        self.stats: dict[str, int] = {}
+        self.dead: str | None = None  # why it stopped, once it has
+
+    def send(self, msg: tuple) -> None:
+        with self.send_lock:
+            self.commands.send(msg)
+
+    def wait_ready(self, deadline: float) -> None:
+        if not self.events.poll(max(0.0, deadline - time.monotonic())):
+            raise GptsError(f"engine process {self.index} did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            kind, detail = self.events.recv()
+        except (EOFError, OSError):
+            raise GptsError(
+                f"engine process {self.index} exited while starting (exit code {self.process.exitcode})"
+            ) from None
+        if kind != "ready":
+            raise GptsError(f"engine process {self.index}: {detail}")
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send(("close",))
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5)
+        for conn in (self.commands, self.events):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class EngineProcesses:
+    """``engines`` engine processes, each with ``slots / engines`` rows; the Scheduler interface
+    (``submit``, ``call``, ``load``, ``close``). A request's sequences go to the least loaded engine
+    and stay there; the ``max_queue`` bound is over all of them, as with one scheduler.
+
+    ``call(fn)`` runs ``fn`` on a thread of this process that owns ``runtime`` (the engines have
+    their own sessions), e.g. scoring a prompt for ``echo``.
+    """
+
+    batched = True
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        engines: int,
+        slots: int = 16,
+        max_queue: int = 64,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
+        check_sizes(slots, max_queue)
+        if not 1 <= engines <= slots:
+            raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
+        model_file = getattr(runtime, "model_path", None)
+        if model_file is None:
+            raise GptsError("engine processes need an ONNX export with its decode graph")
+        self.runtime = runtime
+        self.slots, self.max_queue, self.engines = slots, max_queue, engines
+        self._after_step = after_step or (lambda: None)
+        self._lock = threading.Lock()  # the engines' sequence tables and the queue bound
+        self._ids = count()
+        self._closed = False
+        self._owner = ThreadPoolExecutor(1, "gpts-edge-runtime")  # call(): the runtime's one owner
+        ctx = mp.get_context("spawn")
+        shares = [slots // engines + (i < slots % engines) for i in range(engines)]
+        self._engines: list[_Engine] = []
+        try:
+            for i, share in enumerate(shares):
+                self._engines.append(_Engine(ctx, str(model_file), share, i))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            for engine in self._engines:
+                engine.wait_ready(deadline)
+        except BaseException:
+            self.close()
+            raise
+        self._readers = [
+            threading.Thread(target=self._read, args=(e,), name=f"gpts-edge-engine-{e.index}-events", daemon=True)
+            for e in self._engines
+        ]
+        for t in self._readers:
+            t.start()
+
+    # --- any thread ----------------------------------------------------------------------------------
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together (all or none) on the least loaded engine."""
+        specs = []
+        for seq in seqs:
+            s = seq.sampler
+            if s.seed is None:
+                raise GptsError("engine processes need seeded samplers (custom draws cannot travel)")
+            specs.append((s.prompt, s.opts, s.seed, s.eos_id, seq.logprobs, seq.stream))
+        with self._lock:
+            if self._closed:
+                raise GptsError("the scheduler is shut down")
+            alive = [e for e in self._engines if e.dead is None]
+            if not alive:
+                raise GptsError("every engine process has stopped; restart the server")
+            waiting = sum(max(0, len(e.seqs) - e.slots) for e in alive)
+            free = sum(max(0, e.slots - len(e.seqs)) for e in alive)
+            if waiting + len(seqs) - free > self.max_queue:
+                busy = sum(min(len(e.seqs), e.slots) for e in alive)
+                raise QueueFull(
+                    f"server busy: {busy} sequences decoding, {waiting} waiting "
+                    f"(--parallel {self.slots}, --max-queue {self.max_queue})"
+                )
+            engine = min(alive, key=lambda e: len(e.seqs) / e.slots)  # ties: the first
+            sids = [next(self._ids) for _ in seqs]
+            for sid, seq in zip(sids, seqs, strict=True):
+                engine.seqs[sid] = seq
+                seq.on_cancel = self._canceller(engine, sid)
+            try:
+                engine.send(("submit", [(sid, *spec) for sid, spec in zip(sids, specs, strict=True)]))
+            except (OSError, ValueError) as exc:
+                for sid in sids:
+                    engine.seqs.pop(sid, None)
+                raise GptsError(f"engine process {engine.index} is gone ({type(exc).__name__})") from None
+
+    @staticmethod
+    def _canceller(engine: _Engine, sid: int) -> Callable[[], None]:
+        def cancel() -> None:
+            with contextlib.suppress(OSError, ValueError):  # a dead engine has ended it already
+                engine.send(("cancel", [sid]))
+
+        return cancel
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the thread that owns the runtime in this process."""
+        return self._owner.submit(fn)
+
+    def load(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        with self._lock:
+            for e in self._engines:
+                stats = dict(e.stats)
+                stats["active"] = min(len(e.seqs), e.slots)
+                stats["pending"] = max(0, len(e.seqs) - e.slots)
+                for k, v in stats.items():
+                    total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for engine in self._engines:
+            engine.stop()
+        for t in getattr(self, "_readers", []):
+            t.join(timeout=10)
+        self._owner.shutdown(wait=False)
+
+    # --- one reader thread per engine -------------------------------------------------------------------
+
+    def _read(self, engine: _Engine) -> None:
+        while True:
+            try:
+                msg = engine.events.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] != "events":
+                continue
+            _, items, stats = msg
+            for item in items:
+                self._dispatch(engine, item)
+            if stats is not None:
+                engine.stats = stats
+            self._after_step()
+        # The pipe closed: a shutdown, or the engine died. Either way its sequences end here.
+        why = "the server is shutting down" if self._closed else (
+            f"engine process {engine.index} stopped (exit code {engine.process.exitcode})"
+        )
+        with self._lock:
+            engine.dead = why
+            left, engine.seqs = list(engine.seqs.values()), {}
+        for seq in left:
+            _finish(seq, None, GptsError(why))
+        self._after_step()
+
+    def _dispatch(self, engine: _Engine, item: tuple) -> None:
+        if item[0] == "t":
+            seq = engine.seqs.get(item[1])
+            if seq is not None:
+                _token(seq, item[2])
+            return
+        _, sid, reason, err, held = item
+        with self._lock:
+            seq = engine.seqs.pop(sid, None)
+        if seq is None:
+            return
+        for tok in held:
+            if not _token(seq, tok):
+                return
+        _finish(seq, reason, None if err is None else GptsError(err))
+
+
+def _token(seq: Sequence, item: tuple) -> bool:
+    """Hand one token to the sequence's callback; False (and the sequence ended) if it raised."""
+    if seq.finished:
+        return False
+    try:
+        seq.on_token(TokenEvent(*item))
+    except Exception as exc:
+        seq.cancel()
+        _finish(seq, None, exc)
+        return False
+    return True
+
+
+def _finish(seq: Sequence, reason: str | None, err: Exception | None) -> None:
+    if seq.finished:
+        return
+    seq.finished = True
+    with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
+        seq.on_done(reason, err)
