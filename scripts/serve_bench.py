@@ -3,7 +3,8 @@ concurrency levels, for 1 thread and for all cores. Each setting starts its own 
 (so the clients, in this process, do not share its interpreter) on a free loopback port.
 
     python scripts/serve_bench.py [--clients 1,4,16,64] [--threads 1,all] [--max-tokens 64]
-                                  [--requests 4] [--repeat 3] [--modes defaults,greedy] [--json]
+                                  [--requests 4] [--repeat 3] [--modes defaults,greedy]
+                                  [--decode processes,threads] [--json]
 
 Every client sends --requests completions one after another (prompt "The future of AI is",
 seed = a distinct number per request; mode "defaults": the model's sampling defaults, "greedy":
@@ -37,9 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, threads: int, parallel: int) -> subprocess.Popen:
+def start_server(port: int, threads: int, parallel: int, in_process: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gpts_edge.cli", "serve", "--port", str(port)]
     cmd += ["--threads", str(threads), "--parallel", str(parallel), "--max-queue", "1024"]
+    cmd += ["--in-process"] if in_process else []
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -76,12 +78,27 @@ def health(port: int) -> dict:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """A process's CPU time (user + system) from /proc, or None where there is none."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError, TypeError):
+    """CPU time (user + system) of a process and its descendants (the server's engine processes),
+    from /proc, or None where there is none."""
+    if pid is None:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU seconds)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    if pid not in stats:
+        return None
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats[p][1]
+        todo += [c for c, (parent, _) in stats.items() if parent == p]
+    return total
 
 
 def run_level(
@@ -139,6 +156,11 @@ def main() -> None:
     ap.add_argument("--modes", default="defaults", help="comma list of defaults, greedy")
     ap.add_argument("--greedy", action="store_true", help="same as --modes greedy")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians reported")
+    ap.add_argument(
+        "--decode",
+        default="processes",
+        help="comma list: processes (engine processes, the default) and/or threads (--in-process)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -151,33 +173,42 @@ def main() -> None:
         "settings": vars(args),
         "runs": [],
     }
-    settings = [(os.cpu_count() or 1) if t == "all" else int(t) for t in args.threads.split(",")]
-    servers: dict[int, tuple[int, subprocess.Popen]] = {}
-    runs: dict[tuple[str, int, int], list[dict]] = {}
+    decodes = args.decode.split(",")
+    if not set(decodes) <= {"processes", "threads"}:
+        raise SystemExit(f"--decode: expected processes and/or threads, found {args.decode}")
+    settings = [
+        (d, (os.cpu_count() or 1) if t == "all" else int(t)) for d in decodes for t in args.threads.split(",")
+    ]
+    servers: dict[tuple[str, int], tuple[int, subprocess.Popen]] = {}
+    runs: dict[tuple[str, tuple[str, int], int], list[dict]] = {}
     try:
-        for threads in settings:  # all servers up front: an idle one waits and uses no CPU
+        for setting in settings:  # all servers up front: an idle one waits and uses no CPU
             port = free_port()
-            servers[threads] = (port, start_server(port, threads, parallel=max(levels)))
+            servers[setting] = (
+                port,
+                start_server(port, setting[1], parallel=max(levels), in_process=setting[0] == "threads"),
+            )
         # Every round runs every setting, mode and level in turn, so a change in the machine's load
         # hits them all; ratios between levels are taken within a round.
         for _ in range(args.repeat):
-            for threads in settings:
+            for setting in settings:
                 for mode in modes:
                     for clients in levels:
-                        port, proc = servers[threads]
+                        port, proc = servers[setting]
                         greedy = mode == "greedy"
                         level = run_level(port, clients, args.requests, args.max_tokens, greedy, proc.pid)
-                        runs.setdefault((mode, threads, clients), []).append(level)
+                        runs.setdefault((mode, setting, clients), []).append(level)
     finally:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=20)
     for mode in modes:
-        for threads in settings:
-            single = runs[(mode, threads, levels[0])]
+        for setting in settings:
+            decode, threads = setting
+            single = runs[(mode, setting, levels[0])]
             for clients in levels:
-                rounds = runs[(mode, threads, clients)]
-                row = {"mode": mode, "threads": threads, "clients": clients}
+                rounds = runs[(mode, setting, clients)]
+                row = {"mode": mode, "decode": decode, "threads": threads, "clients": clients}
                 row.update({k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if k != "clients"})
                 row["tok_s_each_round"] = [round(r["tok_s"]) for r in rounds]
                 # Against the first level (one client) of the same round, setting and mode.
@@ -187,7 +218,7 @@ def main() -> None:
                 report["runs"].append(row)
                 if not args.json:
                     print(
-                        f"{mode:8s} threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
+                        f"{mode:8s} {decode:9s} threads {threads:2d}  clients {clients:3d}  {row['tok_s']:8.0f} tok/s  "
                         f"({row['tok_per_cpu_s']:.0f} per server CPU s)  "
                         f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
                         f"(rounds {row['tok_s_each_round']}, x{levels[0]} client {row['x_first_level_each_round']}; "
