@@ -16,21 +16,25 @@ reads their tokens.
 A sequence is rebuilt in the engine from what determines its tokens (the kept prompt, the options,
 the seed), so it gets the tokens it gets in-process or alone (tested). A cancel (a client gone, a
 stop string found) is one message; the engine drops the row at its next step. An engine that dies
-ends its sequences with an error; the others go on. Engines are daemon processes started with
-``spawn`` (no fork of a threaded server) and leave when their command pipe closes, so none
+ends its sequences with an error; the others go on. Engines are ``python -m gpts_edge.engines`` child
+processes (no fork of a threaded server) and leave when their command pipe closes, so none
 outlives the server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from gpts_edge.batching import QueueFull, Scheduler, Sequence, TokenEvent, check_sizes
@@ -92,7 +96,12 @@ def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> Non
 
         cfg = rt.config
         sampler = SequenceSampler(
-            prompt, opts, context_length=cfg.context_length, vocab_size=cfg.vocab_size, eos_id=eos_id, seed=seed
+            prompt,
+            opts,
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            eos_id=eos_id,
+            seed=seed,
         )
         seq = Sequence(sampler, on_token=on_token, on_done=on_done, logprobs=logprobs, stream=stream)
         live[sid] = seq
@@ -121,21 +130,42 @@ def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> Non
 
 
 class _Engine:
-    """One engine process as the server sees it: its pipes, its sequences, its last counters."""
+    """One engine process as the server sees it: its pipes, its sequences, its last counters.
 
-    def __init__(self, ctx: Any, model_file: str, slots: int, index: int) -> None:
+    Started as ``python -m gpts_edge.engines`` with two pipes, not through multiprocessing: its
+    ``spawn`` re-imports the parent's main module, which breaks (or re-runs) a user's script that
+    opens a server without an ``if __name__ == "__main__"`` guard, and ``fork`` copies a threaded
+    server.
+    """
+
+    def __init__(self, model_file: str, slots: int, index: int) -> None:
         self.slots, self.index = slots, index
-        cmd_read, self.commands = ctx.Pipe(duplex=False)
-        self.events, evt_write = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=_engine_main,
-            args=(cmd_read, evt_write, model_file, slots),
-            name=f"gpts-edge-engine-{index}",
-            daemon=True,
-        )
-        self.process.start()
-        cmd_read.close()
-        evt_write.close()
+        cmd_read, cmd_write = os.pipe()
+        evt_read, evt_write = os.pipe()
+        env = dict(os.environ)
+        # The child imports this very package, wherever it was imported from here.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gpts_edge.engines",
+                    str(cmd_read),
+                    str(evt_write),
+                    model_file,
+                    str(slots),
+                ],
+                pass_fds=(cmd_read, evt_write),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        finally:
+            os.close(cmd_read)
+            os.close(evt_write)
+        self.commands = Connection(cmd_write, readable=False)
+        self.events = Connection(evt_read, writable=False)
         self.send_lock = threading.Lock()
         self.seqs: dict[int, Sequence] = {}  # submitted and not yet done
         self.stats: dict[str, int] = {}
@@ -152,7 +182,7 @@ class _Engine:
             kind, detail = self.events.recv()
         except (EOFError, OSError):
             raise GptsError(
-                f"engine process {self.index} exited while starting (exit code {self.process.exitcode})"
+                f"engine process {self.index} exited while starting (exit code {self.process.wait()})"
             ) from None
         if kind != "ready":
             raise GptsError(f"engine process {self.index}: {detail}")
@@ -160,10 +190,11 @@ class _Engine:
     def stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.send(("close",))
-        self.process.join(timeout=10)
-        if self.process.is_alive():
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.join(timeout=5)
+            self.process.wait(timeout=5)
         for conn in (self.commands, self.events):
             with contextlib.suppress(OSError):
                 conn.close()
@@ -202,12 +233,11 @@ class EngineProcesses:
         self._ids = count()
         self._closed = False
         self._owner = ThreadPoolExecutor(1, "gpts-edge-runtime")  # call(): the runtime's one owner
-        ctx = mp.get_context("spawn")
         shares = [slots // engines + (i < slots % engines) for i in range(engines)]
         self._engines: list[_Engine] = []
         try:
             for i, share in enumerate(shares):
-                self._engines.append(_Engine(ctx, str(model_file), share, i))
+                self._engines.append(_Engine(str(model_file), share, i))
             deadline = time.monotonic() + START_TIMEOUT_S
             for engine in self._engines:
                 engine.wait_ready(deadline)
@@ -215,7 +245,9 @@ class EngineProcesses:
             self.close()
             raise
         self._readers = [
-            threading.Thread(target=self._read, args=(e,), name=f"gpts-edge-engine-{e.index}-events", daemon=True)
+            threading.Thread(
+                target=self._read, args=(e,), name=f"gpts-edge-engine-{e.index}-events", daemon=True
+            )
             for e in self._engines
         ]
         for t in self._readers:
@@ -306,8 +338,10 @@ class EngineProcesses:
                 engine.stats = stats
             self._after_step()
         # The pipe closed: a shutdown, or the engine died. Either way its sequences end here.
-        why = "the server is shutting down" if self._closed else (
-            f"engine process {engine.index} stopped (exit code {engine.process.exitcode})"
+        why = (
+            "the server is shutting down"
+            if self._closed
+            else (f"engine process {engine.index} stopped (exit code {engine.process.poll()})")
         )
         with self._lock:
             engine.dead = why
@@ -352,3 +386,12 @@ def _finish(seq: Sequence, reason: str | None, err: Exception | None) -> None:
     seq.finished = True
     with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
         seq.on_done(reason, err)
+
+
+if __name__ == "__main__":  # python -m gpts_edge.engines CMD_FD EVT_FD MODEL_FILE SLOTS (see _Engine)
+    _engine_main(
+        Connection(int(sys.argv[1]), writable=False),
+        Connection(int(sys.argv[2]), readable=False),
+        sys.argv[3],
+        int(sys.argv[4]),
+    )
