@@ -301,15 +301,27 @@ class EngineProcesses:
         """Run ``fn`` on the thread that owns the runtime in this process."""
         return self._owner.submit(fn)
 
+    @property
+    def pids(self) -> list[int]:
+        return [e.process.pid for e in self._engines]
+
+    def loads(self) -> list[dict[str, int]]:
+        """Each engine's counters (as of its last message) and its active and waiting sequences."""
+        with self._lock:
+            return [
+                {
+                    **e.stats,
+                    "active": min(len(e.seqs), e.slots),
+                    "pending": max(0, len(e.seqs) - e.slots),
+                }
+                for e in self._engines
+            ]
+
     def load(self) -> dict[str, int]:
         total: dict[str, int] = {}
-        with self._lock:
-            for e in self._engines:
-                stats = dict(e.stats)
-                stats["active"] = min(len(e.seqs), e.slots)
-                stats["pending"] = max(0, len(e.seqs) - e.slots)
-                for k, v in stats.items():
-                    total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+        for stats in self.loads():
+            for k, v in stats.items():
+                total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
         return total
 
     def close(self) -> None:
@@ -332,10 +344,10 @@ class EngineProcesses:
             if msg[0] != "events":
                 continue
             _, items, stats = msg
+            if stats is not None:  # first: a sequence's end may wake someone who reads load()
+                engine.stats = stats
             for item in items:
                 self._dispatch(engine, item)
-            if stats is not None:
-                engine.stats = stats
             self._after_step()
         # The pipe closed: a shutdown, or the engine died. Either way its sequences end here.
         why = (

@@ -10,6 +10,7 @@ import pytest
 
 from gpts_edge.api import open_runtime
 from gpts_edge.batching import QueueFull, Scheduler, SchedulerPool, Sequence, open_scheduler
+from gpts_edge.engines import EngineProcesses
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import generate_ids, sampling_options
 from gpts_edge.runtimes.onnx_batch import BatchedDecoder
@@ -47,7 +48,11 @@ class _Collect:
                 if self.left == 0:
                     self.done.set()
 
-        return Sequence(sampler, on_token=lambda ev: self.tokens[key].append(ev.token), on_done=on_done)
+        # Every other sequence says nobody reads its tokens before the end (an engine process
+        # then sends them with the end): both ways must give the same tokens.
+        return Sequence(
+            sampler, on_token=lambda ev: self.tokens[key].append(ev.token), on_done=on_done, stream=key % 2 == 0
+        )
 
 
 def test_batched_decode_rows_equal_batch_one_steps(rt) -> None:
@@ -88,8 +93,14 @@ def test_moving_a_row_keeps_its_cache(rt) -> None:
 
 @pytest.mark.parametrize(
     ("batched", "threads"),
-    [(True, 1), (False, 1), (True, 2), ("pool", 2)],
-    ids=["batched-decode-graph", "per-row-steps", "batched-2-threads-sampling-pool", "two-schedulers"],
+    [(True, 1), (False, 1), (True, 2), ("pool", 2), ("processes", 2)],
+    ids=[
+        "batched-decode-graph",
+        "per-row-steps",
+        "batched-2-threads-sampling-pool",
+        "two-schedulers",
+        "two-engine-processes",
+    ],
 )
 def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, threads) -> None:
     tok = rt.tokenizer
@@ -108,6 +119,9 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, thread
     if batched == "pool":
         sch = open_scheduler(rt, slots=4, max_queue=64, threads=threads)
         assert isinstance(sch, SchedulerPool) and sch.engines == 2
+    elif batched == "processes":
+        sch = open_scheduler(rt, slots=4, max_queue=64, threads=threads, processes=True)
+        assert isinstance(sch, EngineProcesses) and sch.engines == 2
     else:
         sch = Scheduler(rt, slots=4, max_queue=64, batched=batched, threads=threads)
     try:
@@ -123,10 +137,13 @@ def test_sequences_joining_and_leaving_get_their_solo_tokens(rt, batched, thread
     for k, (ids, opts, seed) in enumerate(cases):
         assert col.tokens[k] == list(generate_ids(rt, ids, opts, seed=seed)), k
         assert col.reasons[k] in ("stop", "length")
-    # Two schedulers of two rows each: no batch is over 2, and both decoded.
-    assert stats["max_batch"] == (2 if batched == "pool" else 4) and stats["active"] == 0
+    # Two schedulers (or engines) of two rows each: no batch is over 2, and both decoded.
+    two = batched in ("pool", "processes")
+    assert stats["max_batch"] == (2 if two else 4) and stats["active"] == 0
     if batched == "pool":
         assert all(s.load()["steps"] > 0 for s in sch.schedulers)
+    if batched == "processes":
+        assert all(load["steps"] > 0 for load in sch.loads())
 
 
 def test_batched_prefill_rows_equal_batch_one_prefills(rt) -> None:
