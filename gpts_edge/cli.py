@@ -498,7 +498,9 @@ def serve(
     ] = False,
     in_process: Annotated[
         bool,
-        typer.Option("--in-process", help="Decode on threads of the server process, not in engine processes."),
+        typer.Option(
+            "--in-process", help="Decode on threads of the server process, not in engine processes."
+        ),
     ] = False,
 ) -> None:
     """OpenAI-compatible completions server (/v1/completions, streaming, continuous batching)."""

@@ -359,7 +359,9 @@ def serve(
     mode = "batched decode graph" if server.scheduler.batched else "one step per sequence"
     if server.scheduler.batched:
         n, s_ = server.scheduler.engines, "s" if server.scheduler.engines > 1 else ""
-        mode += f" on {n} scheduler thread{s_}" if in_process else f" in {n} engine process{'es' if s_ else ''}"
+        mode += (
+            f" on {n} scheduler thread{s_}" if in_process else f" in {n} engine process{'es' if s_ else ''}"
+        )
     kind = type(server.runtime).__name__
     log(
         f"serving {server.model_id} ({kind}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"

@@ -51,7 +51,10 @@ class _Collect:
         # Every other sequence says nobody reads its tokens before the end (an engine process
         # then sends them with the end): both ways must give the same tokens.
         return Sequence(
-            sampler, on_token=lambda ev: self.tokens[key].append(ev.token), on_done=on_done, stream=key % 2 == 0
+            sampler,
+            on_token=lambda ev: self.tokens[key].append(ev.token),
+            on_done=on_done,
+            stream=key % 2 == 0,
         )
 
 

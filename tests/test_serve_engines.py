@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,13 @@ def rt():
 
 
 def _seq(rt, ids, seed, *, max_new_tokens=10_000, stream=True):
-    opts = sampling_options(rt.generation_config, max_new_tokens=max_new_tokens)
+    # No stop at the end-of-text token: a long sequence must still be running when the test
+    # looks (when it would end depends on the machine's speed, not on the tokens).
+    opts = replace(sampling_options(rt.generation_config, max_new_tokens=max_new_tokens), stop_at_eos=False)
     cfg = rt.config
-    sampler = SequenceSampler(ids, opts, context_length=cfg.context_length, vocab_size=cfg.vocab_size, seed=seed)
+    sampler = SequenceSampler(
+        ids, opts, context_length=cfg.context_length, vocab_size=cfg.vocab_size, seed=seed
+    )
     out = {"tokens": [], "done": threading.Event(), "first": threading.Event()}
 
     def on_token(ev):
