@@ -33,6 +33,11 @@ from gpts_edge.generation import Runtime
 from gpts_edge.sampling import SequenceSampler, advance_rows
 
 MAX_LOGPROBS = 5
+# A scheduler's counters (``load()``, the server's /health): steps, prefill runs, tokens,
+# cancelled sequences, the largest batch, and microseconds in prefills, model steps, the sampler
+# and handing tokens over.
+STAT_KEYS = ("steps", "prefills", "tokens", "cancelled", "max_batch")
+STAT_KEYS += ("prefill_us", "decode_us", "sample_us", "deliver_us")
 MAX_SLOTS = 256  # each row holds a full-context KV slot (~1 MB for GPT-S-1.4M)
 
 
@@ -163,8 +168,7 @@ class Scheduler:
         # is its own, so the order of work does not change any token).
         self._pool_size = max(1, threads)
         self._pool = ThreadPoolExecutor(self._pool_size, "gpts-edge-sample") if threads > 1 else None
-        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "cancelled": 0, "max_batch": 0}
-        self.stats.update(prefill_us=0, decode_us=0, sample_us=0, deliver_us=0)
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._thread = threading.Thread(target=self._run, name="gpts-edge-scheduler", daemon=True)
         self._thread.start()
 

@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from gpts_edge.batching import QueueFull, Scheduler, Sequence, TokenEvent, check_sizes
+from gpts_edge.batching import STAT_KEYS, QueueFull, Scheduler, Sequence, TokenEvent, check_sizes
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
 
@@ -168,7 +168,7 @@ class _Engine:
         self.events = Connection(evt_read, writable=False)
         self.send_lock = threading.Lock()
         self.seqs: dict[int, Sequence] = {}  # submitted and not yet done
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # until its first report
         self.dead: str | None = None  # why it stopped, once it has
 
     def send(self, msg: tuple) -> None:
