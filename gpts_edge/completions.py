@@ -349,6 +349,7 @@ class Server:
         )
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}  # shared by the requests' stream decoders
 
     def close(self) -> None:
         self.scheduler.close()
@@ -441,7 +442,9 @@ class Server:
                     info["prompt_tokens"] += len(sampler.prompt)
                     if sampler.truncated_from:
                         info["truncated"].append(f"{sampler.truncated_from}/{len(sampler.prompt)}")
-                choice = Choice(index, StreamDecoder(rt.tokenizer), req.stop, req.logprobs is not None)
+                choice = Choice(
+                    index, StreamDecoder(rt.tokenizer, self._token_bytes), req.stop, req.logprobs is not None
+                )
                 if req.echo:
                     choice.prefix = prompt
                 choices.append(choice)

@@ -125,11 +125,13 @@ class StreamDecoder:
     the last piece are decoded (as bytes, for a byte-level tokenizer), so a step costs the same at
     token 8,000 as at token 1. The JavaScript port (examples/web) emits the same pieces."""
 
-    def __init__(self, tok: Tokenizer) -> None:
+    def __init__(self, tok: Tokenizer, byte_cache: dict[int, bytes] | None = None) -> None:
         self.tok = tok
         self._byte_level = isinstance(tok.decoder, decoders.ByteLevel)
         self._special = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}
-        self._bytes: dict[int, bytes] = {}
+        # Each token's bytes, filled as tokens appear; a server shares one among its requests
+        # (``byte_cache``, for this tokenizer only) so a request does not start from nothing.
+        self._bytes: dict[int, bytes] = {} if byte_cache is None else byte_cache
         self._ids: list[int] = []  # tokens since the last piece
         self._pending = b""  # their bytes (byte-level tokenizers)
 

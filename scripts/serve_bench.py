@@ -6,7 +6,8 @@ concurrency levels, for 1 thread and for all cores. Each setting starts its own 
                                   [--requests 4] [--repeat 3] [--modes defaults,greedy]
                                   [--decode processes,threads] [--json]
 
-Every client sends --requests completions one after another (prompt "The future of AI is",
+Every client sends --requests completions one after another on one kept-alive connection (as
+the openai client's pool does; prompt "The future of AI is",
 seed = a distinct number per request; mode "defaults": the model's sampling defaults, "greedy":
 temperature 0); a level's figures are over all its requests: tokens/s = completion tokens / wall
 time of the level, latency = each request's wall time (p50, p99). Each of --repeat rounds runs
@@ -56,14 +57,19 @@ def start_server(port: int, threads: int, parallel: int, in_process: bool = Fals
     raise SystemExit("server did not start")
 
 
-def one_request(port: int, body: dict) -> tuple[float, int]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+def one_request(port: int, body: dict, conn: http.client.HTTPConnection | None = None) -> tuple[float, int]:
+    """One completion; on ``conn`` (kept alive, as the openai client's connection pool does)
+    when given, else on a connection of its own."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     resp = conn.getresponse()
     data = json.loads(resp.read())
     elapsed = time.perf_counter() - start
-    conn.close()
+    if own:
+        conn.close()
     if resp.status != 200:
         raise RuntimeError(f"request failed: {resp.status} {data}")
     return elapsed, data["usage"]["completion_tokens"]
@@ -109,11 +115,13 @@ def run_level(
 ) -> dict:
     def client(c: int) -> list[tuple[float, int]]:
         out = []
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)  # one per client, kept alive
         for r in range(requests):
             body = {"prompt": "The future of AI is", "max_tokens": max_tokens, "seed": 7919 * c + r}
             if greedy:
                 body["temperature"] = 0
-            out.append(one_request(port, body))
+            out.append(one_request(port, body, conn))
+        conn.close()
         return out
 
     one_request(port, {"prompt": "warm up", "max_tokens": 4})
