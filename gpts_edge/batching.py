@@ -453,29 +453,3 @@ class SchedulerPool:
     def close(self) -> None:
         for s in self.schedulers:
             s.close()
-
-
-def open_scheduler(
-    runtime: Runtime,
-    *,
-    slots: int = 16,
-    max_queue: int = 64,
-    threads: int = 1,
-    after_step: Callable[[], None] | None = None,
-    processes: bool = False,
-) -> Any:
-    """The server's decoding. With a runtime that batches: ``processes`` runs ``threads`` engine
-    processes (``gpts_edge.engines.EngineProcesses``, at most one per row); otherwise ``threads``
-    > 1 runs one scheduler thread per thread in this process (``SchedulerPool``). Else one
-    ``Scheduler`` whose model runs on ``threads`` threads (runtimes stepped row by row)."""
-    if can_batch(runtime) and processes:
-        from gpts_edge.engines import EngineProcesses
-
-        return EngineProcesses(
-            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
-        )
-    if threads > 1 and slots > 1 and can_batch(runtime):
-        return SchedulerPool(
-            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
-        )
-    return Scheduler(runtime, slots=slots, max_queue=max_queue, threads=threads, after_step=after_step)

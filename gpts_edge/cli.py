@@ -493,14 +493,9 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set GPTS_EDGE_API_KEY).")
     ] = None,
-    json_logs: Annotated[
-        bool, typer.Option("--json-logs", help="One JSON object per request log line.")
-    ] = False,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON log line per request.")] = False,
     in_process: Annotated[
-        bool,
-        typer.Option(
-            "--in-process", help="Decode on threads of the server process, not in engine processes."
-        ),
+        bool, typer.Option("--in-process", help="Decode on threads, no processes.")
     ] = False,
 ) -> None:
     """OpenAI-compatible completions server (/v1/completions, streaming, continuous batching)."""

@@ -25,7 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpts_edge.batching import MAX_LOGPROBS, QueueFull, Sequence, TokenEvent, open_scheduler
+from gpts_edge.batching import MAX_LOGPROBS, QueueFull, Sequence, TokenEvent
+from gpts_edge.engines import open_scheduler
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime, sampling_options
 from gpts_edge.sampling import SequenceSampler

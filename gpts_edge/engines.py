@@ -37,7 +37,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from gpts_edge.batching import STAT_KEYS, QueueFull, Scheduler, Sequence, TokenEvent, check_sizes
+from gpts_edge.batching import (
+    STAT_KEYS,
+    QueueFull,
+    Scheduler,
+    SchedulerPool,
+    Sequence,
+    TokenEvent,
+    can_batch,
+    check_sizes,
+)
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
 
@@ -398,6 +407,30 @@ def _finish(seq: Sequence, reason: str | None, err: Exception | None) -> None:
     seq.finished = True
     with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
         seq.on_done(reason, err)
+
+
+def open_scheduler(
+    runtime: Runtime,
+    *,
+    slots: int = 16,
+    max_queue: int = 64,
+    threads: int = 1,
+    after_step: Callable[[], None] | None = None,
+    processes: bool = False,
+) -> Any:
+    """The server's decoding. With a runtime that batches: ``processes`` runs ``threads`` engine
+    processes (``gpts_edge.engines.EngineProcesses``, at most one per row); otherwise ``threads``
+    > 1 runs one scheduler thread per thread in this process (``SchedulerPool``). Else one
+    ``Scheduler`` whose model runs on ``threads`` threads (runtimes stepped row by row)."""
+    if can_batch(runtime) and processes:
+        return EngineProcesses(
+            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
+        )
+    if threads > 1 and slots > 1 and can_batch(runtime):
+        return SchedulerPool(
+            runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
+        )
+    return Scheduler(runtime, slots=slots, max_queue=max_queue, threads=threads, after_step=after_step)
 
 
 if __name__ == "__main__":  # python -m gpts_edge.engines CMD_FD EVT_FD MODEL_FILE SLOTS (see _Engine)

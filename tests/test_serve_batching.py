@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gpts_edge.api import open_runtime
-from gpts_edge.batching import QueueFull, Scheduler, SchedulerPool, Sequence, open_scheduler
-from gpts_edge.engines import EngineProcesses
+from gpts_edge.batching import QueueFull, Scheduler, SchedulerPool, Sequence
+from gpts_edge.engines import EngineProcesses, open_scheduler
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import generate_ids, sampling_options
 from gpts_edge.runtimes.onnx_batch import BatchedDecoder

@@ -135,7 +135,7 @@ def test_an_engine_that_cannot_open_the_model_stops_the_start_with_its_reason(rt
 SCRIPT = """
 import os, sys
 from gpts_edge.api import open_runtime
-from gpts_edge.batching import open_scheduler
+from gpts_edge.engines import open_scheduler
 rt = open_runtime("onnx", None)
 eng = open_scheduler(rt, slots=2, threads=2, processes=True)
 print(" ".join(map(str, eng.pids)), flush=True)
