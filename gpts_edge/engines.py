@@ -228,6 +228,7 @@ class EngineProcesses:
         slots: int = 16,
         max_queue: int = 64,
         after_step: Callable[[], None] | None = None,
+        restarts: int = 3,
     ) -> None:
         check_sizes(slots, max_queue)
         if not 1 <= engines <= slots:
@@ -237,30 +238,36 @@ class EngineProcesses:
             raise GptsError("engine processes need an ONNX export with its decode graph")
         self.runtime = runtime
         self.slots, self.max_queue, self.engines = slots, max_queue, engines
+        self._model_file = str(model_file)
         self._after_step = after_step or (lambda: None)
         self._lock = threading.Lock()  # the engines' sequence tables and the queue bound
         self._ids = count()
         self._closed = False
         self._owner = ThreadPoolExecutor(1, "gpts-edge-runtime")  # call(): the runtime's one owner
+        # An engine that dies (killed for memory, say) is replaced, at most ``restarts`` times per
+        # engine: a fault that kills every new engine must not become a loop of restarts.
+        self._restarts_left = [restarts] * engines
+        self._gone_stats: dict[str, int] = {}  # counters of replaced engines, so totals never drop
+        self._threads: list[threading.Thread] = []
         shares = [slots // engines + (i < slots % engines) for i in range(engines)]
         self._engines: list[_Engine] = []
         try:
             for i, share in enumerate(shares):
-                self._engines.append(_Engine(str(model_file), share, i))
+                self._engines.append(_Engine(self._model_file, share, i))
             deadline = time.monotonic() + START_TIMEOUT_S
             for engine in self._engines:
                 engine.wait_ready(deadline)
         except BaseException:
             self.close()
             raise
-        self._readers = [
-            threading.Thread(
-                target=self._read, args=(e,), name=f"gpts-edge-engine-{e.index}-events", daemon=True
-            )
-            for e in self._engines
-        ]
-        for t in self._readers:
-            t.start()
+        for engine in self._engines:
+            self._start_reader(engine)
+
+    def _start_reader(self, engine: _Engine) -> None:
+        name = f"gpts-edge-engine-{engine.index}-events"
+        t = threading.Thread(target=self._read, args=(engine,), name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
 
     # --- any thread ----------------------------------------------------------------------------------
 
@@ -322,13 +329,14 @@ class EngineProcesses:
                     **e.stats,
                     "active": min(len(e.seqs), e.slots),
                     "pending": max(0, len(e.seqs) - e.slots),
+                    "engines_alive": int(e.dead is None),
                 }
                 for e in self._engines
             ]
 
     def load(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for stats in self.loads():
+        total: dict[str, int] = {"engines": self.engines}
+        for stats in [*self.loads(), self._gone_stats]:
             for k, v in stats.items():
                 total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
         return total
@@ -336,10 +344,13 @@ class EngineProcesses:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        for engine in self._engines:
+        for engine in list(self._engines):
             engine.stop()
-        for t in getattr(self, "_readers", []):
-            t.join(timeout=10)
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        for engine in list(self._engines):  # one a restart may have put in meanwhile
+            engine.stop()
         self._owner.shutdown(wait=False)
 
     # --- one reader thread per engine -------------------------------------------------------------------
@@ -367,9 +378,44 @@ class EngineProcesses:
         with self._lock:
             engine.dead = why
             left, engine.seqs = list(engine.seqs.values()), {}
+            restart = not self._closed and self._restarts_left[engine.index] > 0
+            if restart:
+                self._restarts_left[engine.index] -= 1
         for seq in left:
             _finish(seq, None, GptsError(why))
         self._after_step()
+        if restart:
+            self._restart(engine)
+
+    def _restart(self, old: _Engine) -> None:
+        """A new engine in a dead one's place (on the dead one's reader thread)."""
+        try:
+            new = _Engine(self._model_file, old.slots, old.index)
+        except OSError:
+            return
+        try:
+            new.wait_ready(time.monotonic() + START_TIMEOUT_S)
+        except GptsError as exc:
+            old.dead += f"; its replacement did not start ({exc})"
+            new.stop()
+            return
+        with self._lock:
+            if self._closed:
+                replaced = False
+            else:
+                for k, v in old.stats.items():
+                    self._gone_stats[k] = (
+                        max(self._gone_stats.get(k, 0), v)
+                        if k == "max_batch"
+                        else self._gone_stats.get(k, 0) + v
+                    )
+                self._engines[old.index] = new
+                replaced = True
+        if not replaced:
+            new.stop()
+            return
+        old.stop()  # its pipes
+        self._start_reader(new)
 
     def _dispatch(self, engine: _Engine, item: tuple) -> None:
         if item[0] == "t":

@@ -108,7 +108,10 @@ def create_app(server: Server) -> Any:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
     async def health(_request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", **server.scheduler.load()})
+        load = server.scheduler.load()
+        if load.get("engines_alive", 1):
+            return JSONResponse({"status": "ok", **load})
+        return JSONResponse({"status": "error", **load}, status_code=503)  # nothing left to decode
 
     async def models(_request: Request) -> JSONResponse:
         return JSONResponse(server.models())

@@ -98,27 +98,43 @@ def test_engines_bound_their_queue_over_all_of_them(rt) -> None:
     assert all("shutting down" in str(out["err"]) for out in outs)
 
 
-def test_an_engine_that_dies_ends_its_sequences_and_the_others_go_on(rt) -> None:
+def test_an_engine_that_dies_ends_its_sequences_and_is_replaced(rt) -> None:
     eng = EngineProcesses(rt, engines=2, slots=2, max_queue=4)
     try:
         first, out = _seq(rt, [1, 2], 0)
         eng.submit([first])  # the least loaded engine: the first
         assert out["first"].wait(30)
-        os.kill(eng.pids[0], signal.SIGKILL)
+        dead = eng.pids[0]
+        os.kill(dead, signal.SIGKILL)
         assert out["done"].wait(30)
         assert out["reason"] is None and "engine process 0 stopped" in str(out["err"])
-        # New sequences go to the engine still running, with their solo tokens.
-        seq, got = _seq(rt, [7, 8, 9], 11, max_new_tokens=5)
-        eng.submit([seq])
-        assert got["done"].wait(30) and got["err"] is None
-        assert got["tokens"] == list(generate_ids(rt, [7, 8, 9], seq.sampler.opts, seed=11))
-        os.kill(eng.pids[1], signal.SIGKILL)
-        # Once the server has seen the second one go, nothing is taken any more.
+        deadline = time.monotonic() + 60
+        while eng.pids[0] == dead or eng.load()["engines_alive"] != 2:
+            assert time.monotonic() < deadline, "the dead engine was not replaced"
+            time.sleep(0.1)
+        # Both engines (one sequence each: the least loaded takes the next) give solo tokens.
+        runs = [_seq(rt, [7, 8, 9], 11 + k, max_new_tokens=5) for k in range(2)]
+        for seq, _ in runs:
+            eng.submit([seq])
+        for seq, got in runs:
+            assert got["done"].wait(30) and got["err"] is None
+            assert got["tokens"] == list(generate_ids(rt, [7, 8, 9], seq.sampler.opts, seed=seq.sampler.seed))
+        assert all(load["steps"] > 0 for load in eng.loads())
+        assert eng.load()["tokens"] >= 10  # the replaced engine's count is kept in the total
+    finally:
+        eng.close()
+
+
+def test_an_engine_out_of_restarts_stays_down_and_the_server_says_so(rt) -> None:
+    eng = EngineProcesses(rt, engines=1, slots=1, restarts=0)
+    try:
+        os.kill(eng.pids[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
+        while eng.load()["engines_alive"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         with pytest.raises(GptsError, match="every engine process has stopped"):
-            while time.monotonic() < deadline:
-                eng.submit([_seq(rt, [1], 1, max_new_tokens=1)[0]])
-                time.sleep(0.1)
+            eng.submit([_seq(rt, [1], 1, max_new_tokens=1)[0]])
     finally:
         eng.close()
 
