@@ -93,7 +93,9 @@ def test_models_lists_the_model_with_its_context_length(live) -> None:
     assert [m.id for m in models] == ["gpt-s-1.4m"]
     assert models[0].model_extra["context_length"] == 384
     status, _, data = live.raw("GET", "/health")
-    assert status == 200 and json.loads(data)["status"] == "ok"
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok"
+    assert health["engines"] == health["engines_alive"] == 2  # the fixture's two engine processes
 
 
 def test_greedy_and_seeded_completions_equal_gpts_edge_generate(live) -> None:
