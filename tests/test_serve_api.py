@@ -67,17 +67,20 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live():
-    """Two threads: two batch schedulers of 32 rows (``small`` below has the single scheduler)."""
+    """Two threads: two engine processes of 32 rows each, as `gpts-edge serve --threads 2` runs."""
     s = Live(parallel=64, max_queue=256, threads=2)
     assert s.server.scheduler.engines == 2
     yield s
     s.close()
 
 
-@pytest.fixture(scope="module")
-def small():
-    """One row, no queue, an API key, JSON logs: for 401, 429, disconnects and --json-logs."""
-    s = Live(parallel=1, max_queue=0, api_key="sesame", json_logs=True)
+@pytest.fixture(scope="module", params=["engine-process", "in-process"])
+def small(request):
+    """One row, no queue, an API key, JSON logs: for 401, 429, disconnects and --json-logs; with
+    the row in an engine process and with it on a thread of the server (``--in-process``)."""
+    s = Live(
+        parallel=1, max_queue=0, api_key="sesame", json_logs=True, in_process=request.param == "in-process"
+    )
     yield s
     s.close()
 
