@@ -467,8 +467,9 @@ def open_scheduler(
     """The server's decoding. With a runtime that batches: ``processes`` runs ``threads`` engine
     processes (``gpts_edge.engines.EngineProcesses``, at most one per row); otherwise ``threads``
     > 1 runs one scheduler thread per thread in this process (``SchedulerPool``). Else one
-    ``Scheduler`` whose model runs on ``threads`` threads (runtimes stepped row by row)."""
-    if can_batch(runtime) and processes:
+    ``Scheduler`` whose model runs on ``threads`` threads (runtimes stepped row by row). Engines
+    are started with inherited pipes, which Windows lacks: there the schedulers run on threads."""
+    if can_batch(runtime) and processes and os.name != "nt":
         return EngineProcesses(
             runtime, engines=min(threads, slots), slots=slots, max_queue=max_queue, after_step=after_step
         )
