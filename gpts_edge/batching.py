@@ -136,27 +136,32 @@ class Scheduler:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: Runtime | None,
         *,
         slots: int = 16,
         max_queue: int = 64,
         threads: int = 1,
         batched: bool | None = None,
         after_step: Callable[[], None] | None = None,
+        backend: Any = None,
     ) -> None:
         check_sizes(slots, max_queue)
         self.runtime = runtime
         self.slots, self.max_queue = slots, max_queue
         self.engines = 1
-        self.backend: Any = None
-        if batched is not False and can_batch(runtime):
+        self.backend: Any = backend  # given: a BatchedDecoder built elsewhere (an engine process's)
+        if backend is not None:
+            pass
+        elif runtime is None:
+            raise GptsError("a scheduler needs a runtime or a backend")
+        elif batched is not False and can_batch(runtime):
             from gpts_edge.runtimes.onnx_batch import BatchedDecoder
 
             self.backend = BatchedDecoder(runtime, slots, threads=threads)
         elif batched:
             raise GptsError("batched decoding needs an ONNX export with its decode graph (model.decode.onnx)")
         if self.backend is None:
-            self.backend = _PerRowBackend(runtime, slots)
+            self.backend = _PerRowBackend(runtime, slots)  # type: ignore[arg-type]
         self.batched = not isinstance(self.backend, _PerRowBackend)
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()

@@ -57,10 +57,11 @@ STATS_EVERY_S = 0.1  # engines send their counters at least this often while bus
 # --- the engine process --------------------------------------------------------------------------------
 
 
-def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> None:
-    """An engine process: one Scheduler over its own session; commands in, events out."""
+def _engine_main(commands: Any, events: Any) -> None:
+    """An engine process: one Scheduler over its own session; commands in, events out. The first
+    command is ("init", model config, batched decode graph, rows)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it closes us
-    from gpts_edge.runtimes.onnx import OnnxRuntime
+    from gpts_edge.runtimes.onnx_batch import BatchedDecoder
     from gpts_edge.sampling import SequenceSampler
 
     outbox: list[tuple] = []
@@ -81,8 +82,13 @@ def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> Non
             events.send(("events", items, stats))
 
     try:
-        rt = OnnxRuntime(model_file, threads=1)
-        sch = Scheduler(rt, slots=slots, max_queue=1 << 30, threads=1, batched=True, after_step=flush)
+        _, cfg, graph, slots = commands.recv()
+        # Only the batched session: no batch-1 session, tokenizer or onnx package in an engine.
+        decoder = BatchedDecoder.from_graph(cfg, graph, slots, threads=1)
+        del graph
+        sch = Scheduler(None, slots=slots, max_queue=1 << 30, backend=decoder, after_step=flush)
+    except (EOFError, OSError):
+        return  # the server went away while we started
     except Exception as exc:  # reported to the server, which refuses to start with it
         events.send(("fatal", str(exc) if isinstance(exc, GptsError) else f"{type(exc).__name__}: {exc}"))
         return
@@ -103,7 +109,6 @@ def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> Non
             live.pop(sid, None)
             outbox.append(("d", sid, reason, None if err is None else str(err), held))
 
-        cfg = rt.config
         sampler = SequenceSampler(
             prompt,
             opts,
@@ -138,6 +143,13 @@ def _engine_main(commands: Any, events: Any, model_file: str, slots: int) -> Non
 # --- the server's side ---------------------------------------------------------------------------------
 
 
+def _graph_for_engines(runtime: Runtime) -> bytes:
+    """The decode graph with a symbolic batch, as every engine loads it."""
+    from gpts_edge.runtimes.onnx_batch import batched_graph
+
+    return batched_graph(runtime)[1]  # type: ignore[arg-type]
+
+
 class _Engine:
     """One engine process as the server sees it: its pipes, its sequences, its last counters.
 
@@ -147,7 +159,7 @@ class _Engine:
     server.
     """
 
-    def __init__(self, model_file: str, slots: int, index: int) -> None:
+    def __init__(self, init: tuple, slots: int, index: int) -> None:
         self.slots, self.index = slots, index
         cmd_read, cmd_write = os.pipe()
         evt_read, evt_write = os.pipe()
@@ -163,8 +175,6 @@ class _Engine:
                     "gpts_edge.engines",
                     str(cmd_read),
                     str(evt_write),
-                    model_file,
-                    str(slots),
                 ],
                 pass_fds=(cmd_read, evt_write),
                 stdin=subprocess.DEVNULL,
@@ -176,6 +186,8 @@ class _Engine:
         self.commands = Connection(cmd_write, readable=False)
         self.events = Connection(evt_read, writable=False)
         self.send_lock = threading.Lock()
+        with contextlib.suppress(OSError):  # one that died at once: wait_ready reports it
+            self.send(("init", *init, slots))
         self.seqs: dict[int, Sequence] = {}  # submitted and not yet done
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # until its first report
         self.dead: str | None = None  # why it stopped, once it has
@@ -233,12 +245,12 @@ class EngineProcesses:
         check_sizes(slots, max_queue)
         if not 1 <= engines <= slots:
             raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
-        model_file = getattr(runtime, "model_path", None)
-        if model_file is None:
+        if not can_batch(runtime):
             raise GptsError("engine processes need an ONNX export with its decode graph")
         self.runtime = runtime
         self.slots, self.max_queue, self.engines = slots, max_queue, engines
-        self._model_file = str(model_file)
+        # Built once here and handed to every engine (and to a replacement).
+        self._init = (runtime.config, _graph_for_engines(runtime))
         self._after_step = after_step or (lambda: None)
         self._lock = threading.Lock()  # the engines' sequence tables and the queue bound
         self._ids = count()
@@ -253,7 +265,7 @@ class EngineProcesses:
         self._engines: list[_Engine] = []
         try:
             for i, share in enumerate(shares):
-                self._engines.append(_Engine(self._model_file, share, i))
+                self._engines.append(_Engine(self._init, share, i))
             deadline = time.monotonic() + START_TIMEOUT_S
             for engine in self._engines:
                 engine.wait_ready(deadline)
@@ -390,7 +402,7 @@ class EngineProcesses:
     def _restart(self, old: _Engine) -> None:
         """A new engine in a dead one's place (on the dead one's reader thread)."""
         try:
-            new = _Engine(self._model_file, old.slots, old.index)
+            new = _Engine(self._init, old.slots, old.index)
         except OSError:
             return
         try:
@@ -480,10 +492,5 @@ def open_scheduler(
     return Scheduler(runtime, slots=slots, max_queue=max_queue, threads=threads, after_step=after_step)
 
 
-if __name__ == "__main__":  # python -m gpts_edge.engines CMD_FD EVT_FD MODEL_FILE SLOTS (see _Engine)
-    _engine_main(
-        Connection(int(sys.argv[1]), writable=False),
-        Connection(int(sys.argv[2]), readable=False),
-        sys.argv[3],
-        int(sys.argv[4]),
-    )
+if __name__ == "__main__":  # python -m gpts_edge.engines CMD_FD EVT_FD (see _Engine)
+    _engine_main(Connection(int(sys.argv[1]), writable=False), Connection(int(sys.argv[2]), readable=False))

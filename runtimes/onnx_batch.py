@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gpts_edge.config import ModelConfig
 from gpts_edge.constants import DECODE_SUFFIX
 from gpts_edge.errors import GptsError
 from gpts_edge.names import ONNX_DECODE_SEQLENS_K as SEQLENS_K  # int32 [batch] here: each row's length - 1
@@ -55,6 +56,14 @@ def _batch_symbolic(path: Path) -> bytes:
     return model.SerializeToString()
 
 
+def batched_graph(runtime: OnnxRuntime) -> tuple[Path, bytes]:
+    """The runtime's decode graph, serialized with its batch dimension made symbolic."""
+    path = decode_graph_path(runtime)
+    if path is None:
+        raise GptsError(f"{runtime.path}: no decode graph (*{DECODE_SUFFIX}) to batch with")
+    return path, _batch_symbolic(path)
+
+
 class BatchedDecoder:
     """``slots`` KV slots over one onnxruntime session of the decode graph.
 
@@ -62,26 +71,32 @@ class BatchedDecoder:
     """
 
     def __init__(self, runtime: OnnxRuntime, slots: int, threads: int = 1) -> None:
+        path, graph = batched_graph(runtime)
+        self._open(runtime.config, graph, slots, threads, str(path))
+
+    @classmethod
+    def from_graph(
+        cls, config: ModelConfig, graph: bytes, slots: int, threads: int = 1, name: str = "decode graph"
+    ) -> BatchedDecoder:
+        """Over a graph ``batched_graph`` made (in another process, say): no runtime, no onnx package."""
+        self = cls.__new__(cls)
+        self._open(config, graph, slots, threads, name)
+        return self
+
+    def _open(self, cfg: ModelConfig, graph: bytes, slots: int, threads: int, name: str) -> None:
         import onnxruntime as ort
 
-        path = decode_graph_path(runtime)
-        if path is None:
-            raise GptsError(f"{runtime.path}: no decode graph (*{DECODE_SUFFIX}) to batch with")
         if slots < 1:
             raise GptsError(f"slots: expected a positive integer, found {slots}")
-        cfg = runtime.config
         self.config = cfg
         self.slots = slots
-        opts = session_options(threads)
         try:
             self.session = ort.InferenceSession(
-                _batch_symbolic(path), opts, providers=["CPUExecutionProvider"]
+                graph, session_options(threads), providers=["CPUExecutionProvider"]
             )
-        except GptsError:
-            raise
         except Exception as exc:  # onnxruntime raises several private exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise GptsError(f"{path}: cannot run the decode graph batched ({first[:200]})") from None
+            raise GptsError(f"{name}: cannot run the decode graph batched ({first[:200]})") from None
         self.row_shape = (cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
         self._kv_names = list(zip(onnx_past_names(cfg), onnx_present_names(cfg), strict=True))
         # (layers, key|value, slots, kv heads, context, head dim); positions >= length are never read.
