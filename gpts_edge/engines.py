@@ -16,7 +16,7 @@ reads their tokens.
 A sequence is rebuilt in the engine from what determines its tokens (the kept prompt, the options,
 the seed), so it gets the tokens it gets in-process or alone (tested). A cancel (a client gone, a
 stop string found) is one message; the engine drops the row at its next step. An engine that dies
-ends its sequences with an error; the others go on. Engines are ``python -m gpts_edge.engines`` child
+ends its sequences with an error and is replaced; the others go on. Engines are ``python -m gpts_edge.engines`` child
 processes (no fork of a threaded server) and leave when their command pipe closes, so none
 outlives the server.
 """
@@ -159,7 +159,7 @@ class _Engine:
     server.
     """
 
-    def __init__(self, init: tuple, slots: int, index: int) -> None:
+    def __init__(self, slots: int, index: int) -> None:
         self.slots, self.index = slots, index
         cmd_read, cmd_write = os.pipe()
         evt_read, evt_write = os.pipe()
@@ -186,8 +186,6 @@ class _Engine:
         self.commands = Connection(cmd_write, readable=False)
         self.events = Connection(evt_read, writable=False)
         self.send_lock = threading.Lock()
-        with contextlib.suppress(OSError):  # one that died at once: wait_ready reports it
-            self.send(("init", *init, slots))
         self.seqs: dict[int, Sequence] = {}  # submitted and not yet done
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # until its first report
         self.dead: str | None = None  # why it stopped, once it has
@@ -195,6 +193,17 @@ class _Engine:
     def send(self, msg: tuple) -> None:
         with self.send_lock:
             self.commands.send(msg)
+
+    def begin(self, init: tuple) -> None:
+        """Hand the engine its model (megabytes: the pipe takes them as the engine reads, once it
+        has imported onnxruntime), on a thread of its own so that engines start side by side and
+        one that never reads cannot hang the server: ``wait_ready`` times out instead."""
+
+        def send() -> None:
+            with contextlib.suppress(OSError, ValueError):  # one that died: wait_ready reports it
+                self.send(("init", *init, self.slots))
+
+        threading.Thread(target=send, name=f"gpts-edge-engine-{self.index}-init", daemon=True).start()
 
     def wait_ready(self, deadline: float) -> None:
         if not self.events.poll(max(0.0, deadline - time.monotonic())):
@@ -209,8 +218,12 @@ class _Engine:
             raise GptsError(f"engine process {self.index}: {detail}")
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.send(("close",))
+        if self.send_lock.acquire(timeout=1):  # not while its model is still being handed over
+            try:
+                with contextlib.suppress(OSError, ValueError):
+                    self.commands.send(("close",))
+            finally:
+                self.send_lock.release()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -265,7 +278,9 @@ class EngineProcesses:
         self._engines: list[_Engine] = []
         try:
             for i, share in enumerate(shares):
-                self._engines.append(_Engine(self._init, share, i))
+                self._engines.append(_Engine(share, i))
+            for engine in self._engines:
+                engine.begin(self._init)
             deadline = time.monotonic() + START_TIMEOUT_S
             for engine in self._engines:
                 engine.wait_ready(deadline)
@@ -402,9 +417,10 @@ class EngineProcesses:
     def _restart(self, old: _Engine) -> None:
         """A new engine in a dead one's place (on the dead one's reader thread)."""
         try:
-            new = _Engine(self._init, old.slots, old.index)
+            new = _Engine(old.slots, old.index)
         except OSError:
             return
+        new.begin(self._init)
         try:
             new.wait_ready(time.monotonic() + START_TIMEOUT_S)
         except GptsError as exc:
