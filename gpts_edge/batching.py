@@ -377,18 +377,11 @@ class Scheduler:
             self._retire()
 
 
-class SchedulerPool:
-    """``engines`` schedulers side by side, each with its own thread, its own share of the rows
-    (KV slots) and its own one-thread session of the decode graph; a sequence stays on the one it
-    was given (the least loaded) from start to end.
+class RowPool:
+    """What the pools of schedulers share: ``engines`` of them, the ``slots`` rows split among
+    them, and one ``max_queue`` bound over all of them (as with one scheduler)."""
 
-    Why: one batched step of this small model does not use a second core well (onnxruntime's
-    threads split matrices of a few hundred columns, and the sampler runs between the steps). One
-    scheduler per core keeps every core stepping its own batch, and while one scheduler is in the
-    model (onnxruntime runs without the GIL) another samples. docs/serve.md has the A/B. Tokens do
-    not depend on the scheduler a sequence lands on: every row is computed and sampled on its own.
-    The same interface as ``Scheduler``.
-    """
+    batched = True
 
     def __init__(
         self,
@@ -404,25 +397,51 @@ class SchedulerPool:
             raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
         self.runtime = runtime
         self.slots, self.max_queue, self.engines = slots, max_queue, engines
+        self.after_step = after_step or (lambda: None)
         # The rows split as evenly as they go: 16 rows on 3 engines are 6, 5 and 5.
-        shares = [slots // engines + (i < slots % engines) for i in range(engines)]
+        self.shares = [slots // engines + (i < slots % engines) for i in range(engines)]
+
+    def check_room(self, active: int, pending: int, free: int, joining: int) -> None:
+        """Raise QueueFull when ``joining`` more sequences would leave over ``max_queue`` waiting."""
+        if pending + joining - free > self.max_queue:
+            raise QueueFull(
+                f"server busy: {active} sequences decoding, {pending} waiting "
+                f"(--parallel {self.slots}, --max-queue {self.max_queue})"
+            )
+
+
+class SchedulerPool(RowPool):
+    """``engines`` schedulers side by side, each with its own thread, its own share of the rows
+    (KV slots) and its own one-thread session of the decode graph; a sequence stays on the one it
+    was given (the least loaded) from start to end.
+
+    Why: one batched step of this small model does not use a second core well (onnxruntime's
+    threads split matrices of a few hundred columns, and the sampler runs between the steps). One
+    scheduler per core keeps every core stepping its own batch, and while one scheduler is in the
+    model (onnxruntime runs without the GIL) another samples. docs/serve.md has the A/B. Tokens do
+    not depend on the scheduler a sequence lands on: every row is computed and sampled on its own.
+    The same interface as ``Scheduler``. (``gpts_edge.engines.EngineProcesses`` does the same with
+    processes, which the interpreter lock does not hold back; this pool is ``serve --in-process``.)
+    """
+
+    def __init__(self, runtime: Runtime, **pool: Any) -> None:
+        super().__init__(runtime, **pool)
         self.schedulers: list[Scheduler] = []
         try:
-            for share in shares:
+            for share in self.shares:
                 self.schedulers.append(
                     Scheduler(
                         runtime,
                         slots=share,
-                        max_queue=max_queue,
+                        max_queue=self.max_queue,
                         threads=1,
                         batched=True,
-                        after_step=after_step,
+                        after_step=self.after_step,
                     )
                 )
         except BaseException:
             self.close()
             raise
-        self.batched = True
         self._lock = threading.Lock()
 
     def submit(self, seqs: list[Sequence]) -> None:
@@ -432,11 +451,7 @@ class SchedulerPool:
             loads = [s.load() for s in self.schedulers]
             active = sum(x["active"] for x in loads)
             pending = sum(x["pending"] for x in loads)
-            if pending + len(seqs) - max(self.slots - active, 0) > self.max_queue:
-                raise QueueFull(
-                    f"server busy: {active} sequences decoding, {pending} waiting "
-                    f"(--parallel {self.slots}, --max-queue {self.max_queue})"
-                )
+            self.check_room(active, pending, max(self.slots - active, 0), len(seqs))
             # Least loaded relative to its rows; ties go to the first.
             best = min(
                 range(len(loads)),

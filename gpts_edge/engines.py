@@ -39,13 +39,12 @@ from typing import Any
 
 from gpts_edge.batching import (
     STAT_KEYS,
-    QueueFull,
+    RowPool,
     Scheduler,
     SchedulerPool,
     Sequence,
     TokenEvent,
     can_batch,
-    check_sizes,
 )
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
@@ -234,7 +233,7 @@ class _Engine:
                 conn.close()
 
 
-class EngineProcesses:
+class EngineProcesses(RowPool):
     """``engines`` engine processes, each with ``slots / engines`` rows; the Scheduler interface
     (``submit``, ``call``, ``load``, ``close``). A request's sequences go to the least loaded engine
     and stay there; the ``max_queue`` bound is over all of them, as with one scheduler.
@@ -243,41 +242,24 @@ class EngineProcesses:
     their own sessions), e.g. scoring a prompt for ``echo``.
     """
 
-    batched = True
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        *,
-        engines: int,
-        slots: int = 16,
-        max_queue: int = 64,
-        after_step: Callable[[], None] | None = None,
-        restarts: int = 3,
-    ) -> None:
-        check_sizes(slots, max_queue)
-        if not 1 <= engines <= slots:
-            raise GptsError(f"engines: expected 1..{slots} (--parallel), found {engines}")
+    def __init__(self, runtime: Runtime, *, restarts: int = 3, **pool: Any) -> None:
+        super().__init__(runtime, **pool)
         if not can_batch(runtime):
             raise GptsError("engine processes need an ONNX export with its decode graph")
-        self.runtime = runtime
-        self.slots, self.max_queue, self.engines = slots, max_queue, engines
         # Built once here and handed to every engine (and to a replacement).
         self._init = (runtime.config, _graph_for_engines(runtime))
-        self._after_step = after_step or (lambda: None)
         self._lock = threading.Lock()  # the engines' sequence tables and the queue bound
         self._ids = count()
         self._closed = False
         self._owner = ThreadPoolExecutor(1, "gpts-edge-runtime")  # call(): the runtime's one owner
         # An engine that dies (killed for memory, say) is replaced, at most ``restarts`` times per
         # engine: a fault that kills every new engine must not become a loop of restarts.
-        self._restarts_left = [restarts] * engines
+        self._restarts_left = [restarts] * self.engines
         self._gone_stats: dict[str, int] = {}  # counters of replaced engines, so totals never drop
         self._threads: list[threading.Thread] = []
-        shares = [slots // engines + (i < slots % engines) for i in range(engines)]
         self._engines: list[_Engine] = []
         try:
-            for i, share in enumerate(shares):
+            for i, share in enumerate(self.shares):
                 self._engines.append(_Engine(share, i))
             for engine in self._engines:
                 engine.begin(self._init)
@@ -312,14 +294,12 @@ class EngineProcesses:
             alive = [e for e in self._engines if e.dead is None]
             if not alive:
                 raise GptsError("every engine process has stopped; restart the server")
-            waiting = sum(max(0, len(e.seqs) - e.slots) for e in alive)
-            free = sum(max(0, e.slots - len(e.seqs)) for e in alive)
-            if waiting + len(seqs) - free > self.max_queue:
-                busy = sum(min(len(e.seqs), e.slots) for e in alive)
-                raise QueueFull(
-                    f"server busy: {busy} sequences decoding, {waiting} waiting "
-                    f"(--parallel {self.slots}, --max-queue {self.max_queue})"
-                )
+            self.check_room(
+                sum(min(len(e.seqs), e.slots) for e in alive),
+                sum(max(0, len(e.seqs) - e.slots) for e in alive),
+                sum(max(0, e.slots - len(e.seqs)) for e in alive),
+                len(seqs),
+            )
             engine = min(alive, key=lambda e: len(e.seqs) / e.slots)  # ties: the first
             sids = [next(self._ids) for _ in seqs]
             for sid, seq in zip(sids, seqs, strict=True):
@@ -395,7 +375,7 @@ class EngineProcesses:
                 engine.stats = stats
             for item in items:
                 self._dispatch(engine, item)
-            self._after_step()
+            self.after_step()
         # The pipe closed: a shutdown, or the engine died. Either way its sequences end here.
         why = (
             "the server is shutting down"
@@ -410,7 +390,7 @@ class EngineProcesses:
                 self._restarts_left[engine.index] -= 1
         for seq in left:
             _finish(seq, None, GptsError(why))
-        self._after_step()
+        self.after_step()
         if restart:
             self._restart(engine)
 
