@@ -109,6 +109,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+def add_stats(total: dict[str, int], stats: dict[str, int]) -> None:
+    """Counters of several schedulers as one: sums, but the largest batch is the largest."""
+    for k, v in stats.items():
+        total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+
+
 def check_sizes(slots: int, max_queue: int) -> None:
     if not 1 <= slots <= MAX_SLOTS:
         raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
@@ -466,8 +472,7 @@ class SchedulerPool(RowPool):
     def load(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for s in self.schedulers:
-            for k, v in s.load().items():
-                total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+            add_stats(total, s.load())
         return total
 
     def close(self) -> None:

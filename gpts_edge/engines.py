@@ -44,6 +44,7 @@ from gpts_edge.batching import (
     SchedulerPool,
     Sequence,
     TokenEvent,
+    add_stats,
     can_batch,
 )
 from gpts_edge.errors import GptsError
@@ -344,8 +345,7 @@ class EngineProcesses(RowPool):
     def load(self) -> dict[str, int]:
         total: dict[str, int] = {"engines": self.engines}
         for stats in [*self.loads(), self._gone_stats]:
-            for k, v in stats.items():
-                total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
+            add_stats(total, stats)
         return total
 
     def close(self) -> None:
@@ -377,11 +377,14 @@ class EngineProcesses(RowPool):
                 self._dispatch(engine, item)
             self.after_step()
         # The pipe closed: a shutdown, or the engine died. Either way its sequences end here.
-        why = (
-            "the server is shutting down"
-            if self._closed
-            else (f"engine process {engine.index} stopped (exit code {engine.process.poll()})")
-        )
+        if self._closed:
+            why = "the server is shutting down"
+        else:
+            try:  # its pipe closes as it dies; its exit code may take a moment more
+                code: int | None = engine.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                code = None
+            why = f"engine process {engine.index} stopped (exit code {code})"
         with self._lock:
             engine.dead = why
             left, engine.seqs = list(engine.seqs.values()), {}
@@ -411,12 +414,7 @@ class EngineProcesses(RowPool):
             if self._closed:
                 replaced = False
             else:
-                for k, v in old.stats.items():
-                    self._gone_stats[k] = (
-                        max(self._gone_stats.get(k, 0), v)
-                        if k == "max_batch"
-                        else self._gone_stats.get(k, 0) + v
-                    )
+                add_stats(self._gone_stats, old.stats)
                 self._engines[old.index] = new
                 replaced = True
         if not replaced:
