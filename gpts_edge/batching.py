@@ -156,18 +156,19 @@ class Scheduler:
         self.slots, self.max_queue = slots, max_queue
         self.engines = 1
         self.backend: Any = backend  # given: a BatchedDecoder built elsewhere (an engine process's)
-        if backend is not None:
-            pass
-        elif runtime is None:
-            raise GptsError("a scheduler needs a runtime or a backend")
-        elif batched is not False and can_batch(runtime):
-            from gpts_edge.runtimes.onnx_batch import BatchedDecoder
+        if backend is None:
+            if runtime is None:
+                raise GptsError("a scheduler needs a runtime or a backend")
+            if batched is not False and can_batch(runtime):
+                from gpts_edge.runtimes.onnx_batch import BatchedDecoder
 
-            self.backend = BatchedDecoder(runtime, slots, threads=threads)
-        elif batched:
-            raise GptsError("batched decoding needs an ONNX export with its decode graph (model.decode.onnx)")
-        if self.backend is None:
-            self.backend = _PerRowBackend(runtime, slots)  # type: ignore[arg-type]
+                self.backend = BatchedDecoder(runtime, slots, threads=threads)
+            elif batched:
+                raise GptsError(
+                    "batched decoding needs an ONNX export with its decode graph (model.decode.onnx)"
+                )
+            else:
+                self.backend = _PerRowBackend(runtime, slots)
         self.batched = not isinstance(self.backend, _PerRowBackend)
         self._cond = threading.Condition()
         self._pending: deque[Sequence] = deque()

@@ -33,6 +33,7 @@ from gpts_edge.completions import (
     completion_body,
     parse_completion,
 )
+from gpts_edge.engines import EngineProcesses
 from gpts_edge.errors import GptsError
 
 API_KEY_ENV = "GPTS_EDGE_API_KEY"
@@ -361,10 +362,12 @@ def serve(
     )
     mode = "batched decode graph" if server.scheduler.batched else "one step per sequence"
     if server.scheduler.batched:
-        n, s_ = server.scheduler.engines, "s" if server.scheduler.engines > 1 else ""
-        mode += (
-            f" on {n} scheduler thread{s_}" if in_process else f" in {n} engine process{'es' if s_ else ''}"
-        )
+        # What runs, not what was asked: Windows keeps threads whatever the flag says.
+        n = server.scheduler.engines
+        if isinstance(server.scheduler, EngineProcesses):
+            mode += f" in {n} engine process{'es' if n > 1 else ''}"
+        else:
+            mode += f" on {n} scheduler thread{'s' if n > 1 else ''}"
     kind = type(server.runtime).__name__
     log(
         f"serving {server.model_id} ({kind}, {mode}, --parallel {parallel}) on http://{host}:{port}/v1"

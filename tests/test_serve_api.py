@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -408,6 +409,30 @@ def test_bad_serve_options_are_one_error_line(args, message) -> None:
     proc = run_cli("serve", *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        (["--threads", "2"], "in 2 engine processes"),
+        (["--threads", "2", "--in-process"], "on 2 scheduler threads"),
+    ],
+)
+def test_serve_says_where_it_decodes(args, where) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpts_edge.cli", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        first = proc.stderr.readline()  # printed once decoding has started, before the socket opens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first.startswith("serving gpt-s-1.4m (OnnxRuntime, batched decode graph ") and where in first, (
+        first
+    )
 
 
 def test_bench_script_reports_every_level(tmp_path: Path) -> None:
