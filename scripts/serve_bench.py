@@ -88,7 +88,8 @@ def cpu_seconds(pid: int | None) -> float | None:
     from /proc, or None where there is none."""
     if pid is None:
         return None
-    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU seconds)
+    cpu: dict[int, float] = {}
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -96,17 +97,15 @@ def cpu_seconds(pid: int | None) -> float | None:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        stats[int(entry.name)] = (
-            int(fields[1]),
-            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
-        )
-    if pid not in stats:
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    if pid not in cpu:
         return None
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
-        total += stats[p][1]
-        todo += [c for c, (parent, _) in stats.items() if parent == p]
+        total += cpu[p]
+        todo += children.get(p, [])
     return total
 
 
