@@ -489,7 +489,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     parallel: Annotated[int, typer.Option(help="Sequences decoded together in one batched step.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a free row (then 429).")] = 64,
-    threads: Annotated[int, typer.Option(help="Cores: a batch engine process per core (decode graph).")] = 1,
+    threads: Annotated[int, typer.Option(help="Cores: an engine process each (0: every core).")] = 0,
     api_key: Annotated[
         str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (or set GPTS_EDGE_API_KEY).")
     ] = None,

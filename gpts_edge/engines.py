@@ -54,6 +54,14 @@ START_TIMEOUT_S = 180.0  # an engine imports onnxruntime and opens the graph (se
 STATS_EVERY_S = 0.1  # engines send their counters at least this often while busy
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or ``taskset``'s set, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 # --- the engine process --------------------------------------------------------------------------------
 
 

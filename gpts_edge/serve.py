@@ -33,7 +33,7 @@ from gpts_edge.completions import (
     completion_body,
     parse_completion,
 )
-from gpts_edge.engines import EngineProcesses
+from gpts_edge.engines import EngineProcesses, usable_cores
 from gpts_edge.errors import GptsError
 
 API_KEY_ENV = "GPTS_EDGE_API_KEY"
@@ -304,18 +304,20 @@ def open_server(
     runtime: str | None = None,
     parallel: int = 16,
     max_queue: int = 64,
-    threads: int = 1,
+    threads: int = 0,
     api_key: str | None = None,
     json_logs: bool = False,
     in_process: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Server:
     """Open the model and start its decoding (no socket yet): ``threads`` engine processes when
-    the model batches (``in_process``: scheduler threads in this process instead)."""
+    the model batches (``in_process``: scheduler threads in this process instead); 0, the
+    default, is one per usable core (and at most one per row of ``parallel``)."""
     from gpts_edge.api import open_runtime
 
-    if threads < 1:
-        raise GptsError(f"--threads: expected a positive integer, found {threads}")
+    if threads < 0:
+        raise GptsError(f"--threads: expected 0 (every core) or a positive integer, found {threads}")
+    threads = threads or usable_cores()
     rt = open_runtime(runtime, model, threads=threads)
     return Server(
         rt,
@@ -338,7 +340,7 @@ def serve(
     port: int = 8080,
     parallel: int = 16,
     max_queue: int = 64,
-    threads: int = 1,
+    threads: int = 0,
     api_key: str | None = None,
     json_logs: bool = False,
     in_process: bool = False,

@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from gpts_edge.completions import MAX_BODY_BYTES, TRUNCATED_HEADER  # noqa: E402
+from gpts_edge.engines import usable_cores  # noqa: E402
 from gpts_edge.generation import generate_text, sampling_options  # noqa: E402
 from gpts_edge.serve import create_app, open_server  # noqa: E402
 
@@ -402,7 +403,7 @@ def test_missing_serve_extra_is_one_error_line(tmp_path: Path) -> None:
     [
         (["--parallel", "0"], "error: --parallel: expected 1..256, found 0"),
         (["--port", "70000"], "error: --port: expected 0..65535, found 70000"),
-        (["--threads", "0"], "error: --threads: expected a positive integer, found 0"),
+        (["--threads", "-1"], "error: --threads: expected 0 (every core) or a positive integer, found -1"),
     ],
 )
 def test_bad_serve_options_are_one_error_line(args, message) -> None:
@@ -411,11 +412,18 @@ def test_bad_serve_options_are_one_error_line(args, message) -> None:
     assert proc.stderr.strip().splitlines() == [message]
 
 
+def _engines_by_default(parallel: int) -> str:
+    n = min(usable_cores(), parallel)  # one engine per usable core, at most one per row
+    return f"in {n} engine process{'es' if n > 1 else ''}"
+
+
 @pytest.mark.parametrize(
     ("args", "where"),
     [
         (["--threads", "2"], "in 2 engine processes"),
         (["--threads", "2", "--in-process"], "on 2 scheduler threads"),
+        ([], _engines_by_default(16)),
+        (["--parallel", "1"], "in 1 engine process,"),
     ],
 )
 def test_serve_says_where_it_decodes(args, where) -> None:
