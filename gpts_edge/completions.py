@@ -479,18 +479,21 @@ class Server:
     async def run(
         self, choices: list[Choice], seqs: list[Sequence], channel: _Channel
     ) -> AsyncIterator[list]:
-        """Yield lists of (choice, piece, finished) as tokens arrive; cancels on exit."""
+        """Yield lists of (choice, piece, finished) as tokens arrive, one piece per choice for
+        what arrived together (several tokens when the scheduler sent several); cancels on exit."""
         open_ = len(choices)
         try:
             while open_:
                 out = []
+                fresh: dict[int, Choice] = {}  # choices with new tokens, in order of arrival
                 for item in await channel.get():
                     choice = choices[item[1]]
                     if item[0] == "token":
                         if choice.push(item[2], self.token_text):
                             seqs[item[1]].cancel()  # a stop string: nothing more to generate
-                        out.append((choice, choice.take(False), False))
+                        fresh[item[1]] = choice
                     else:
+                        fresh.pop(item[1], None)  # its last piece below takes all its text
                         _, _, reason, err, events = item
                         for ev in events:
                             choice.push(ev, self.token_text)
@@ -500,7 +503,7 @@ class Server:
                         choice.finish = choice.finish or reason or "stop"
                         open_ -= 1
                         out.append((choice, choice.take(True), True))
-                yield out
+                yield [(choice, choice.take(False), False) for choice in fresh.values()] + out
         finally:
             for seq in seqs:
                 seq.cancel()

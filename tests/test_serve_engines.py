@@ -80,6 +80,28 @@ def test_a_cancel_reaches_the_engine_and_frees_its_row(rt) -> None:
         eng.close()
 
 
+def test_a_streams_first_token_travels_at_once_and_later_ones_together(rt) -> None:
+    # One message per step would cost a stream a quarter of its tokens/s: later tokens wait up to
+    # STREAM_EVERY_S to travel together, but the first goes at once (the time to a first token).
+    messages = [0]
+    eng = EngineProcesses(rt, engines=1, slots=1, after_step=lambda: messages.__setitem__(0, messages[0] + 1))
+    try:
+        seq, out = _seq(rt, [1, 2], 3, max_new_tokens=64)
+        arrived_in: list[int] = []  # the message each token came in (on_token runs before after_step)
+        on_token = seq.on_token
+        seq.on_token = lambda ev: (arrived_in.append(messages[0]), on_token(ev))
+        eng.submit([seq])
+        assert out["done"].wait(60)
+    finally:
+        eng.close()
+    assert out["tokens"] == list(generate_ids(rt, [1, 2], seq.sampler.opts, seed=3))
+    # The first token is not held: it travels after its scheduler round (the prompt's run, whose
+    # token it is, and the round's decode step, which makes the second).
+    assert arrived_in.count(arrived_in[0]) <= 2
+    # 64 tokens take well over 10 ms on any machine this runs on, and well under 5 ms a step.
+    assert len(set(arrived_in)) <= len(arrived_in) // 2, arrived_in
+
+
 def test_engines_bound_their_queue_over_all_of_them(rt) -> None:
     eng = EngineProcesses(rt, engines=2, slots=2, max_queue=1)
     outs = []
