@@ -3,12 +3,13 @@ concurrency levels, for 1 thread and for all cores. Each setting starts its own 
 (so the clients, in this process, do not share its interpreter) on a free loopback port.
 
     python scripts/serve_bench.py [--clients 1,4,16,64] [--threads 1,all] [--max-tokens 64]
-                                  [--requests 4] [--repeat 3] [--modes defaults,greedy]
+                                  [--requests 4] [--repeat 3] [--modes defaults,greedy,stream]
                                   [--decode processes,threads] [--json]
 
 Every client sends --requests completions one after another on one kept-alive connection (as
 the openai client's pool does; prompt "The future of AI is",
-seed = a distinct number per request; mode "defaults": the model's sampling defaults, "greedy":
+seed = a distinct number per request; mode "defaults": the model's sampling defaults, "stream":
+the same streamed (server-sent events, the usage in the last one), "greedy":
 temperature 0); a level's figures are over all its requests: tokens/s = completion tokens / wall
 time of the level, latency = each request's wall time (p50, p99). Each of --repeat rounds runs
 every thread setting, mode and level in turn (the servers start once, up front); medians are
@@ -66,8 +67,13 @@ def one_request(port: int, body: dict, conn: http.client.HTTPConnection | None =
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
     resp = conn.getresponse()
-    data = json.loads(resp.read())
+    raw = resp.read()
     elapsed = time.perf_counter() - start
+    if body.get("stream") and resp.status == 200:  # server-sent events: the usage is in the last
+        events = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: {")]
+        data = json.loads(events[-1])
+    else:
+        data = json.loads(raw)
     if own:
         conn.close()
     if resp.status != 200:
@@ -110,13 +116,21 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 
 def run_level(
-    port: int, clients: int, requests: int, max_tokens: int, greedy: bool, pid: int | None = None
+    port: int,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    greedy: bool,
+    pid: int | None = None,
+    stream: bool = False,
 ) -> dict:
     def client(c: int) -> list[tuple[float, int]]:
         out = []
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)  # one per client, kept alive
         for r in range(requests):
             body = {"prompt": "The future of AI is", "max_tokens": max_tokens, "seed": 7919 * c + r}
+            if stream:
+                body.update(stream=True, stream_options={"include_usage": True})
             if greedy:
                 body["temperature"] = 0
             out.append(one_request(port, body, conn))
@@ -163,7 +177,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,all", help="comma list; 'all' = every core")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
-    ap.add_argument("--modes", default="defaults", help="comma list of defaults, greedy")
+    ap.add_argument("--modes", default="defaults", help="comma list of defaults, greedy, stream")
     ap.add_argument("--greedy", action="store_true", help="same as --modes greedy")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over the levels; medians reported")
     ap.add_argument(
@@ -175,8 +189,8 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     modes = ["greedy"] if args.greedy else args.modes.split(",")
-    if not set(modes) <= {"defaults", "greedy"}:
-        raise SystemExit(f"--modes: expected defaults and/or greedy, found {args.modes}")
+    if not set(modes) <= {"defaults", "greedy", "stream"}:
+        raise SystemExit(f"--modes: expected defaults, greedy and/or stream, found {args.modes}")
     report = {
         "cpu_count": os.cpu_count(),
         "load_avg_start": os.getloadavg(),
@@ -206,7 +220,9 @@ def main() -> None:
                     for clients in levels:
                         port, proc = servers[setting]
                         greedy = mode == "greedy"
-                        level = run_level(port, clients, args.requests, args.max_tokens, greedy, proc.pid)
+                        level = run_level(
+                            port, clients, args.requests, args.max_tokens, greedy, proc.pid, mode == "stream"
+                        )
                         runs.setdefault((mode, setting, clients), []).append(level)
     finally:
         for _, proc in servers.values():

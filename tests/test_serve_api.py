@@ -447,14 +447,17 @@ def test_serve_says_where_it_decodes(args, where) -> None:
 def test_bench_script_reports_every_level(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "serve_bench.py"), "--clients", "1,3", "--threads", "1"]
-        + ["--requests", "1", "--repeat", "1", "--max-tokens", "4", "--json"],
+        + ["--requests", "1", "--repeat", "1", "--max-tokens", "4", "--modes", "defaults,stream", "--json"],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(proc.stdout)["runs"]
-    assert [(r["threads"], r["clients"]) for r in runs] == [(1, 1), (1, 3)]
+    assert [(r["mode"], r["threads"], r["clients"]) for r in runs] == [
+        (mode, 1, clients) for mode in ("defaults", "stream") for clients in (1, 3)
+    ]
+    # Whole answers and streams alike: every token counted (a stream's from its last event).
     assert all(r["tokens"] == 4 * r["clients"] and r["tok_s"] > 0 for r in runs)
 
 
