@@ -85,7 +85,7 @@ def _engine_main(commands: Any, events: Any) -> None:
     def flush() -> None:  # on the scheduler thread, after each step: one message for the steps
         now = time.monotonic()
         stats_due = now - last_stats[0] >= STATS_EVERY_S
-        if not (outbox or stats_due) or not (urgent[0] or stats_due or now - last_sent[0] >= STREAM_EVERY_S):
+        if not (stats_due or (outbox and (urgent[0] or now - last_sent[0] >= STREAM_EVERY_S))):
             return
         done = any(item[0] == "d" for item in outbox)
         stats = sch.load() if done or stats_due else None
