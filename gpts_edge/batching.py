@@ -115,6 +115,15 @@ def add_stats(total: dict[str, int], stats: dict[str, int]) -> None:
         total[k] = max(total.get(k, 0), v) if k == "max_batch" else total.get(k, 0) + v
 
 
+def finish(seq: Sequence, reason: str | None, err: Exception | None = None) -> None:
+    """End ``seq`` once: mark it finished and call its ``on_done`` (whatever schedules it)."""
+    if seq.finished:
+        return
+    seq.finished = True
+    with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
+        seq.on_done(reason, err)
+
+
 def check_sizes(slots: int, max_queue: int) -> None:
     if not 1 <= slots <= MAX_SLOTS:
         raise GptsError(f"--parallel: expected 1..{MAX_SLOTS}, found {slots}")
@@ -224,13 +233,9 @@ class Scheduler:
     # --- scheduler thread ----------------------------------------------------------------------------
 
     def _finish(self, seq: Sequence, reason: str | None, err: Exception | None = None) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        if seq.cancelled and err is None:
+        if not seq.finished and seq.cancelled and err is None:
             self.stats["cancelled"] += 1
-        with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
-            seq.on_done(reason, err)
+        finish(seq, reason, err)
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:

@@ -46,6 +46,7 @@ from gpts_edge.batching import (
     TokenEvent,
     add_stats,
     can_batch,
+    finish,
 )
 from gpts_edge.errors import GptsError
 from gpts_edge.generation import Runtime
@@ -410,7 +411,7 @@ class EngineProcesses(RowPool):
             if restart:
                 self._restarts_left[engine.index] -= 1
         for seq in left:
-            _finish(seq, None, GptsError(why))
+            finish(seq, None, GptsError(why))
         self.after_step()
         if restart:
             self._restart(engine)
@@ -455,7 +456,7 @@ class EngineProcesses(RowPool):
         for tok in held:
             if not _token(seq, tok):
                 return
-        _finish(seq, reason, None if err is None else GptsError(err))
+        finish(seq, reason, None if err is None else GptsError(err))
 
 
 def _token(seq: Sequence, item: tuple) -> bool:
@@ -466,17 +467,9 @@ def _token(seq: Sequence, item: tuple) -> bool:
         seq.on_token(TokenEvent(*item))
     except Exception as exc:
         seq.cancel()
-        _finish(seq, None, exc)
+        finish(seq, None, exc)
         return False
     return True
-
-
-def _finish(seq: Sequence, reason: str | None, err: Exception | None) -> None:
-    if seq.finished:
-        return
-    seq.finished = True
-    with contextlib.suppress(Exception):  # a callback's failure must not stop the other sequences
-        seq.on_done(reason, err)
 
 
 def open_scheduler(
