@@ -209,6 +209,14 @@ class _Engine:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)  # until its first report
         self.dead: str | None = None  # why it stopped, once it has
 
+    @property
+    def active(self) -> int:  # its sequences in rows (callers hold the pool's lock)
+        return min(len(self.seqs), self.slots)
+
+    @property
+    def pending(self) -> int:  # its sequences waiting for a row
+        return max(0, len(self.seqs) - self.slots)
+
     def send(self, msg: tuple) -> None:
         with self.send_lock:
             self.commands.send(msg)
@@ -315,9 +323,9 @@ class EngineProcesses(RowPool):
             if not alive:
                 raise GptsError("every engine process has stopped; restart the server")
             self.check_room(
-                sum(min(len(e.seqs), e.slots) for e in alive),
-                sum(max(0, len(e.seqs) - e.slots) for e in alive),
-                sum(max(0, e.slots - len(e.seqs)) for e in alive),
+                sum(e.active for e in alive),
+                sum(e.pending for e in alive),
+                sum(e.slots - e.active for e in alive),
                 len(seqs),
             )
             engine = min(alive, key=lambda e: len(e.seqs) / e.slots)  # ties: the first
@@ -354,8 +362,8 @@ class EngineProcesses(RowPool):
             return [
                 {
                     **e.stats,
-                    "active": min(len(e.seqs), e.slots),
-                    "pending": max(0, len(e.seqs) - e.slots),
+                    "active": e.active,
+                    "pending": e.pending,
                     "engines_alive": int(e.dead is None),
                 }
                 for e in self._engines
